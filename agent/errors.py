@@ -1,0 +1,162 @@
+"""The agent's error tree. Pure: no I/O.
+
+Domain errors mean the world is wrong (bad data, hardware, peers); misuse by a caller raises builtins
+(`RuntimeError`, `TypeError`, `ValueError`) instead.
+
+    AgentError
+    ├── ConfigError                 bad configuration value or file
+    ├── TeeError
+    │   ├── TeeUnavailable          no such TEE here / interface missing
+    │   ├── DeviceError             an ioctl or configfs operation failed (errno, firmware, VMM status)
+    │   ├── TsmGenerationError      configfs-tsm entry changed under us
+    │   ├── EvidenceParseError      bytes do not form a valid quote / report / table / log
+    │   └── EvidenceMismatch        produced evidence does not carry what was asked for
+    ├── KbsError
+    │   ├── KbsTransportError       connection, TLS, timeout, oversized body
+    │   ├── KbsProtocolError        the KBS answered something that does not follow the protocol
+    │   ├── AttestationRejected     the KBS answered with an error status (carries `status`, `kbs_type`, `detail`)
+    │   └── ResourceNotFound        a 404 from the KBS (unknown plugin or path)
+    ├── InvalidResourceUri          a `kbs:///repo/type/tag` URI that does not parse
+    ├── DecryptionError             JWE / key unwrap / tag failure; deliberately says nothing more
+    ├── InvalidRequest              a local caller sent something malformed
+    └── NotSupported                the request is valid but this agent/TEE cannot serve it
+
+Every error's `str()` is safe to show to an RPC caller: it never contains secret material.
+`diagnostics()` adds operator advice for the CLI.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentError",
+    "AttestationRejected",
+    "ConfigError",
+    "DecryptionError",
+    "DeviceError",
+    "EvidenceMismatch",
+    "EvidenceParseError",
+    "InvalidRequest",
+    "InvalidResourceUri",
+    "KbsError",
+    "KbsProtocolError",
+    "KbsTransportError",
+    "NotSupported",
+    "ResourceNotFound",
+    "TeeError",
+    "TeeUnavailable",
+    "TsmGenerationError",
+]
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    advice: str = ""
+
+    def diagnostics(self) -> str:
+        """Operator-facing text: the message plus what to check."""
+        return f"{self}\n{self.advice}" if self.advice else str(self)
+
+
+class ConfigError(AgentError):
+    """A configuration key has a bad value, or the file cannot be read."""
+
+    advice = "Check the configuration file and command-line flags (`cvm-agent check-config`)."
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class TeeError(AgentError):
+    """Base for TEE and hardware-evidence failures."""
+
+
+class TeeUnavailable(TeeError):
+    """The requested TEE, device or kernel interface is not present."""
+
+
+class DeviceError(TeeError):
+    """A guest-device operation failed; carries every status layer that was reported."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: int | None = None,
+        fw_error: int | None = None,
+        vmm_error: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.fw_error = fw_error
+        self.vmm_error = vmm_error
+
+
+class TsmGenerationError(TeeError):
+    """A configfs-tsm report entry was written by someone else while we used it."""
+
+    def __init__(self, message: str, *, attribute: str, got: int, want: int) -> None:
+        super().__init__(message)
+        self.attribute = attribute
+        self.got = got
+        self.want = want
+
+
+class EvidenceParseError(TeeError):
+    """Bytes that should be a quote, report, certificate table or event log are not valid."""
+
+    def __init__(self, message: str, *, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class EvidenceMismatch(TeeError):
+    """Evidence produced by the TEE does not carry the requested report data (or init data)."""
+
+
+class KbsError(AgentError):
+    """Base for Key Broker Service failures."""
+
+    advice = "Check the KBS URL, its certificate, and the KBS log for the cause."
+
+
+class KbsTransportError(KbsError):
+    """The KBS could not be reached, timed out, or sent an oversized body."""
+
+
+class KbsProtocolError(KbsError):
+    """The KBS answered with something the protocol does not allow."""
+
+
+class AttestationRejected(KbsError):
+    """The KBS answered with an error status; `kbs_type` and `detail` come from its error body."""
+
+    def __init__(self, message: str, *, status: int, kbs_type: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.kbs_type = kbs_type
+        self.detail = detail
+
+
+class ResourceNotFound(KbsError):
+    """The KBS answered 404: unknown plugin or invalid request path."""
+
+
+class InvalidResourceUri(AgentError):
+    """A resource URI that does not have the form `kbs:///<repo>/<type>/<tag>`."""
+
+
+class DecryptionError(AgentError):
+    """Decryption or key unwrapping failed. Deliberately carries no detail (no oracle)."""
+
+    def __init__(self, message: str = "decryption failed") -> None:
+        super().__init__(message)
+
+
+class InvalidRequest(AgentError):
+    """A local caller sent a malformed request."""
+
+
+class NotSupported(AgentError):
+    """A valid request that this agent or TEE does not support."""
