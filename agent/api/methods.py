@@ -1,0 +1,197 @@
+"""The RPC method table shared by every transport, and the one error → status mapping. Orchestrator.
+
+Each `Method` decodes the request protobuf, calls a service object, and encodes the response. Transports only
+move bytes: gRPC (`agent.api.grpc_server`) and ttRPC call `Method.invoke(request_bytes)`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from google.protobuf.message import DecodeError, Message
+
+from agent import errors
+from agent.api._gen import api_pb2, attestation_agent_pb2, keyprovider_pb2
+from agent.api.status import RpcError, StatusCode
+from agent.service import AttestationAgent, DataHub
+
+__all__ = ["AA_SERVICE", "CDH_SERVICES", "KEYPROVIDER_SERVICE", "Method", "build_methods", "status_for"]
+
+log = structlog.get_logger("agent.rpc")
+
+AA_SERVICE = "attestation_agent.AttestationAgentService"
+KEYPROVIDER_SERVICE = "keyprovider.KeyProviderService"
+CDH_SERVICES = (
+    "api.SealedSecretService",
+    "api.GetResourceService",
+    "api.SecureMountService",
+    "api.ImagePullService",
+)
+
+# Most specific first: the first matching class decides.
+_STATUS_TABLE: tuple[tuple[type[errors.AgentError], StatusCode], ...] = (
+    (errors.InvalidResourceUri, StatusCode.INVALID_ARGUMENT),
+    (errors.InvalidRequest, StatusCode.INVALID_ARGUMENT),
+    (errors.NotSupported, StatusCode.UNIMPLEMENTED),
+    (errors.ConfigError, StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceNotFound, StatusCode.NOT_FOUND),
+    (errors.AttestationRejected, StatusCode.PERMISSION_DENIED),
+    (errors.KbsTransportError, StatusCode.UNAVAILABLE),
+    (errors.KbsProtocolError, StatusCode.INTERNAL),
+    (errors.KbsError, StatusCode.UNAVAILABLE),
+    (errors.TeeUnavailable, StatusCode.UNAVAILABLE),
+    (errors.EvidenceMismatch, StatusCode.FAILED_PRECONDITION),
+    (errors.DeviceError, StatusCode.INTERNAL),
+    (errors.TsmGenerationError, StatusCode.ABORTED),
+    (errors.EvidenceParseError, StatusCode.INTERNAL),
+    (errors.TeeError, StatusCode.INTERNAL),
+    (errors.DecryptionError, StatusCode.INTERNAL),
+    (errors.AgentError, StatusCode.INTERNAL),
+)
+
+
+def status_for(error: errors.AgentError) -> StatusCode:
+    """The RPC status for a domain error (never UNKNOWN for an AgentError)."""
+    for cls, code in _STATUS_TABLE:
+        if isinstance(error, cls):
+            return code
+    return StatusCode.INTERNAL  # pragma: no cover - AgentError is the last row
+
+
+Handler = Callable[[Any], Awaitable[Message]]
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One unary RPC: `/<service>/<name>` with its request type and handler."""
+
+    service: str
+    name: str
+    request_type: type[Message]
+    handler: Handler
+
+    @property
+    def path(self) -> str:
+        return f"/{self.service}/{self.name}"
+
+    async def invoke(self, request_bytes: bytes, *, transport: str) -> bytes:
+        """Decode, run, encode; every failure becomes an `RpcError` with a caller-safe message."""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(rpc=self.path, request_id=uuid.uuid4().hex[:12], transport=transport)
+        started = time.monotonic()
+        code = StatusCode.OK
+        try:
+            try:
+                request = self.request_type.FromString(request_bytes)
+            except DecodeError as exc:
+                code = StatusCode.INVALID_ARGUMENT
+                msg = f"request is not a valid {self.request_type.DESCRIPTOR.full_name}"
+                raise RpcError(code, msg) from exc
+            try:
+                response = await self.handler(request)
+            except errors.AgentError as exc:
+                code = status_for(exc)
+                log.warning("rpc.error", error=type(exc).__name__, message=str(exc))
+                raise RpcError(code, str(exc)) from exc
+            except Exception as exc:
+                code = StatusCode.INTERNAL
+                log.exception("rpc.crash")
+                raise RpcError(code, f"internal error in {self.name}") from exc
+            return response.SerializeToString()
+        finally:
+            log.info("rpc", code=code.name, duration_ms=round((time.monotonic() - started) * 1000, 2))
+            structlog.contextvars.clear_contextvars()
+
+
+def _aa_methods(aa: AttestationAgent) -> list[Method]:
+    pb = attestation_agent_pb2
+
+    async def get_evidence(req: pb.GetEvidenceRequest) -> Message:
+        return pb.GetEvidenceResponse(Evidence=await aa.get_evidence(req.RuntimeData))
+
+    async def get_additional_evidence(req: pb.GetAdditionalEvidenceRequest) -> Message:
+        return pb.GetEvidenceResponse(Evidence=await aa.get_additional_evidence(req.RuntimeData))
+
+    async def get_token(req: pb.GetTokenRequest) -> Message:
+        return pb.GetTokenResponse(Token=await aa.get_token(req.TokenType))
+
+    async def extend(req: pb.ExtendRuntimeMeasurementRequest) -> Message:
+        index = req.RegisterIndex if req.HasField("RegisterIndex") else None
+        result = await aa.extend_runtime_measurement(req.Domain, req.Operation, req.Content, index)
+        return pb.ExtendRuntimeMeasurementResponse(Result=int(result))  # type: ignore[arg-type]  # enum value
+
+    async def bind_init_data(req: pb.BindInitDataRequest) -> Message:
+        await aa.bind_init_data(req.Digest)
+        return pb.BindInitDataResponse()
+
+    async def get_tee_type(_req: pb.GetTeeTypeRequest) -> Message:
+        return pb.GetTeeTypeResponse(tee=aa.tee)
+
+    async def get_additional_tees(_req: pb.GetAdditionalTeesRequest) -> Message:
+        return pb.GetAdditionalTeesResponse(additional_tees=aa.additional_tees())
+
+    return [
+        Method(AA_SERVICE, "GetEvidence", pb.GetEvidenceRequest, get_evidence),
+        Method(AA_SERVICE, "GetAdditionalEvidence", pb.GetAdditionalEvidenceRequest, get_additional_evidence),
+        Method(AA_SERVICE, "GetToken", pb.GetTokenRequest, get_token),
+        Method(AA_SERVICE, "ExtendRuntimeMeasurement", pb.ExtendRuntimeMeasurementRequest, extend),
+        Method(AA_SERVICE, "BindInitData", pb.BindInitDataRequest, bind_init_data),
+        Method(AA_SERVICE, "GetTeeType", pb.GetTeeTypeRequest, get_tee_type),
+        Method(AA_SERVICE, "GetAdditionalTees", pb.GetAdditionalTeesRequest, get_additional_tees),
+    ]
+
+
+def _cdh_methods(hub: DataHub) -> list[Method]:
+    async def get_resource(req: api_pb2.GetResourceRequest) -> Message:
+        return api_pb2.GetResourceResponse(Resource=await hub.get_resource(req.ResourcePath))
+
+    async def unseal_secret(_req: api_pb2.UnsealSecretInput) -> Message:
+        msg = "UnsealSecret is not supported yet by this agent"
+        raise errors.NotSupported(msg)
+
+    async def secure_mount(_req: api_pb2.SecureMountRequest) -> Message:
+        msg = "SecureMount is not supported by cvm-agent"
+        raise errors.NotSupported(msg)
+
+    async def pull_image(_req: api_pb2.ImagePullRequest) -> Message:
+        msg = "PullImage is not supported by cvm-agent; pull images with the container runtime"
+        raise errors.NotSupported(msg)
+
+    return [
+        Method("api.GetResourceService", "GetResource", api_pb2.GetResourceRequest, get_resource),
+        Method("api.SealedSecretService", "UnsealSecret", api_pb2.UnsealSecretInput, unseal_secret),
+        Method("api.SecureMountService", "SecureMount", api_pb2.SecureMountRequest, secure_mount),
+        Method("api.ImagePullService", "PullImage", api_pb2.ImagePullRequest, pull_image),
+    ]
+
+
+def _keyprovider_methods() -> list[Method]:
+    pb = keyprovider_pb2
+
+    async def wrap(_req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
+        msg = "WrapKey is not served inside the guest; use `cvm-agent keyprovider` on the image owner's side"
+        raise errors.NotSupported(msg)
+
+    async def unwrap(_req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
+        msg = "UnWrapKey is not supported yet by this agent"
+        raise errors.NotSupported(msg)
+
+    return [
+        Method(KEYPROVIDER_SERVICE, "WrapKey", pb.KeyProviderKeyWrapProtocolInput, wrap),
+        Method(KEYPROVIDER_SERVICE, "UnWrapKey", pb.KeyProviderKeyWrapProtocolInput, unwrap),
+    ]
+
+
+def build_methods(aa: AttestationAgent | None, hub: DataHub | None) -> list[Method]:
+    """Every method this process serves."""
+    methods: list[Method] = []
+    if aa is not None:
+        methods += _aa_methods(aa)
+    if hub is not None:
+        methods += _cdh_methods(hub) + _keyprovider_methods()
+    return methods

@@ -1,0 +1,62 @@
+"""Unix socket files: stale-socket replacement, private modes, removal. Edge (filesystem).
+
+Shared by the gRPC and ttRPC servers so both treat socket files the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from pathlib import Path
+
+from agent.errors import ConfigError
+
+__all__ = ["prepare_socket_path", "remove_socket", "secure_socket"]
+
+SOCKET_MODE = 0o600
+DIRECTORY_MODE = 0o700
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the parent directory (0700) if missing and remove a stale socket file.
+
+    A socket file that still accepts connections belongs to a running process: that is an error, not stale.
+    A path that exists but is not a socket is never deleted.
+    """
+    target = Path(path)
+    parent = target.parent
+    if not parent.exists():
+        parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        parent.chmod(DIRECTORY_MODE)
+    try:
+        info = target.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        msg = f"socket path {path!r} exists and is not a socket; refusing to replace it"
+        raise ConfigError(msg, key="socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(path)
+    except OSError:
+        target.unlink(missing_ok=True)  # stale: nobody listens
+    else:
+        msg = f"socket {path!r} is in use by another running process"
+        raise ConfigError(msg, key="socket")
+    finally:
+        probe.close()
+
+
+def secure_socket(path: str) -> None:
+    """Make the socket owner-only (0600)."""
+    os.chmod(path, SOCKET_MODE)  # noqa: PTH101 - same call for sockets as files, kept explicit
+
+
+def remove_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        info = os.lstat(path)
+        if stat.S_ISSOCK(info.st_mode):
+            os.unlink(path)  # noqa: PTH108

@@ -1,0 +1,319 @@
+"""Configuration: one frozen dataclass tree, loaded from one TOML file plus command-line overrides.
+
+Pure except for `load()`, which reads the file. Every value is validated here, at start-up, and a bad value
+raises `ConfigError` naming the key and the value.
+
+Example (`cvm-agent serve --config agent.toml`):
+
+    tee = "sample"                      # "auto" (default) probes the hardware; "sample" is the mock TEE
+    socket = "/run/confidential-containers/cvm-agent/agent.sock"
+    grpc_listen = ["127.0.0.1:50002"]   # optional extra loopback TCP listeners
+
+    [kbs]
+    url = "https://kbs.example:8080"
+    cert = "/etc/cvm-agent/kbs-ca.pem"  # extra CA certificate (PEM file) for HTTPS
+    tee_key_algorithm = "ECDH-ES+A256KW-P256"
+    timeout_s = 60.0
+    max_response_bytes = 16777216
+    token_refresh_margin_s = 30.0
+
+    [log]
+    level = "info"                      # debug, info, warning, error
+    format = "auto"                     # auto (console on a TTY, JSON otherwise), json, console
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.errors import ConfigError
+from agent.kbs.jwe import KeyAlgorithm
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "TEE_NAMES",
+    "Config",
+    "KbsConfig",
+    "ListenAddress",
+    "LogConfig",
+    "from_mapping",
+    "load",
+    "parse_listen_address",
+]
+
+DEFAULT_SOCKET = "/run/confidential-containers/cvm-agent/agent.sock"
+TEE_NAMES = ("auto", "sample")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenAddress:
+    """A unix socket path or a loopback TCP `host:port`."""
+
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def grpc_target(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.unix_path if self.unix_path is not None else self.grpc_target()
+
+
+def parse_listen_address(text: object, *, key: str = "socket") -> ListenAddress:
+    """Accept `PATH`, `unix:PATH`, `unix://PATH` (`unix:///abs`), or a loopback `host:port`."""
+    if not isinstance(text, str) or not text:
+        msg = f"`{key}` is {text!r}, expected a socket path or loopback host:port"
+        raise ConfigError(msg, key=key)
+    if text.startswith("unix://"):
+        path = text[len("unix://") :]
+    elif text.startswith("unix:"):
+        path = text[len("unix:") :]
+    elif text.startswith(("/", ".")) or ":" not in text:
+        path = text
+    else:
+        host, _, port_text = text.rpartition(":")
+        host = host.strip("[]")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            msg = f"`{key}` is {text!r}: port {port_text!r} is not in 1..65535"
+            raise ConfigError(msg, key=key)
+        if host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                msg = f"`{key}` is {text!r}: TCP listeners must be on loopback (127.0.0.0/8, ::1, localhost)"
+                raise ConfigError(msg, key=key)
+        return ListenAddress(host="127.0.0.1" if host == "localhost" else host, port=int(port_text))
+    if not path or "\x00" in path:
+        msg = f"`{key}` is {text!r}, expected a socket path"
+        raise ConfigError(msg, key=key)
+    if len(path.encode()) > 107:
+        msg = f"`{key}` path is {len(path.encode())} bytes, expected at most 107 (the unix socket limit)"
+        raise ConfigError(msg, key=key)
+    return ListenAddress(unix_path=path)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KbsConfig:
+    url: str | None = None
+    cert_path: str | None = None
+    tee_key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
+    timeout_s: float = 60.0
+    max_response_bytes: int = 16 * 1024 * 1024
+    token_refresh_margin_s: float = 30.0
+    connect_attempts: int = 3
+
+    @property
+    def insecure_http(self) -> bool:
+        return self.url is not None and self.url.startswith("http://")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    tee: str = "auto"
+    socket: ListenAddress = field(default_factory=lambda: ListenAddress(unix_path=DEFAULT_SOCKET))
+    grpc_listen: tuple[ListenAddress, ...] = ()
+    kbs: KbsConfig = field(default_factory=KbsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def with_overrides(
+        self,
+        *,
+        tee: str | None = None,
+        socket: str | None = None,
+        kbs_url: str | None = None,
+        kbs_cert: str | None = None,
+        log_level: str | None = None,
+    ) -> Config:
+        """Apply command-line overrides, validating each like its config key."""
+        cfg = self
+        if tee is not None:
+            cfg = replace(cfg, tee=_tee(tee, "--tee"))
+        if socket is not None:
+            cfg = replace(cfg, socket=parse_listen_address(socket, key="--socket"))
+        if kbs_url is not None:
+            cfg = replace(cfg, kbs=replace(cfg.kbs, url=_kbs_url(kbs_url, "--kbs-url")))
+        if kbs_cert is not None:
+            cfg = replace(cfg, kbs=replace(cfg.kbs, cert_path=_cert(kbs_cert, "--kbs-cert")))
+        if log_level is not None:
+            cfg = replace(cfg, log=replace(cfg.log, level=_choice(log_level, LOG_LEVELS, "--log-level")))
+        return cfg
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able view for `check-config` (contains no secrets: the config holds none)."""
+        return {
+            "tee": self.tee,
+            "socket": str(self.socket),
+            "grpc_listen": [str(a) for a in self.grpc_listen],
+            "kbs": {
+                "url": self.kbs.url,
+                "cert": self.kbs.cert_path,
+                "tee_key_algorithm": self.kbs.tee_key_algorithm.value,
+                "timeout_s": self.kbs.timeout_s,
+                "max_response_bytes": self.kbs.max_response_bytes,
+                "token_refresh_margin_s": self.kbs.token_refresh_margin_s,
+            },
+            "log": {"level": self.log.level, "format": self.log.format},
+        }
+
+
+def _choice(value: object, allowed: tuple[str, ...], key: str) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        msg = f"`{key}` is {value!r}, expected one of: {', '.join(allowed)}"
+        raise ConfigError(msg, key=key)
+    return value.lower()
+
+
+def _tee(value: object, key: str) -> str:
+    return _choice(value, TEE_NAMES, key)
+
+
+def _kbs_url(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        msg = f"`{key}` is {value!r}, expected an http(s) URL"
+        raise ConfigError(msg, key=key)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        msg = f"`{key}` is {value!r}, expected an http:// or https:// URL with a host"
+        raise ConfigError(msg, key=key)
+    if parts.query or parts.fragment or parts.username or parts.password:
+        msg = f"`{key}` is {value!r}: query, fragment and credentials are not allowed"
+        raise ConfigError(msg, key=key)
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        msg = f"`{key}` is {value!r}: the port is not valid"
+        raise ConfigError(msg, key=key) from exc
+    return value.rstrip("/")
+
+
+def _cert(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        msg = f"`{key}` is {value!r}, expected the path of a PEM certificate file"
+        raise ConfigError(msg, key=key)
+    return value
+
+
+def _number(value: object, key: str, *, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        msg = f"`{key}` is {value!r}, expected a number from {low:g} to {high:g}"
+        raise ConfigError(msg, key=key)
+    return float(value)
+
+
+def _integer(value: object, key: str, *, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        msg = f"`{key}` is {value!r}, expected a whole number from {low} to {high}"
+        raise ConfigError(msg, key=key)
+    return value
+
+
+def _table(data: Mapping[str, Any], name: str, known: set[str]) -> Mapping[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, Mapping):
+        msg = f"`{name}` is {table!r}, expected a table"
+        raise ConfigError(msg, key=name)
+    unknown = sorted(set(table) - known)
+    if unknown:
+        msg = f"`{name}.{unknown[0]}` is not a known key (known: {', '.join(sorted(known))})"
+        raise ConfigError(msg, key=f"{name}.{unknown[0]}")
+    return table
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Build a validated Config from parsed TOML. Unknown keys are errors (typos must not pass silently)."""
+    top = {"tee", "socket", "grpc_listen", "kbs", "log"}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        msg = f"`{unknown[0]}` is not a known key (known: {', '.join(sorted(top))})"
+        raise ConfigError(msg, key=unknown[0])
+    cfg = Config()
+    if "tee" in data:
+        cfg = replace(cfg, tee=_tee(data["tee"], "tee"))
+    if "socket" in data:
+        cfg = replace(cfg, socket=parse_listen_address(data["socket"], key="socket"))
+    if "grpc_listen" in data:
+        listen = data["grpc_listen"]
+        if not isinstance(listen, list):
+            msg = f"`grpc_listen` is {listen!r}, expected a list of loopback host:port strings"
+            raise ConfigError(msg, key="grpc_listen")
+        cfg = replace(cfg, grpc_listen=tuple(parse_listen_address(a, key="grpc_listen") for a in listen))
+
+    kbs_known = {
+        "url",
+        "cert",
+        "tee_key_algorithm",
+        "timeout_s",
+        "max_response_bytes",
+        "token_refresh_margin_s",
+    }
+    kbs = _table(data, "kbs", kbs_known)
+    k = cfg.kbs
+    if "url" in kbs:
+        k = replace(k, url=_kbs_url(kbs["url"], "kbs.url"))
+    if "cert" in kbs:
+        k = replace(k, cert_path=_cert(kbs["cert"], "kbs.cert"))
+    if "tee_key_algorithm" in kbs:
+        names = tuple(a.value for a in KeyAlgorithm)
+        value = kbs["tee_key_algorithm"]
+        if value not in names:
+            msg = f"`kbs.tee_key_algorithm` is {value!r}, expected one of: {', '.join(names)}"
+            raise ConfigError(msg, key="kbs.tee_key_algorithm")
+        k = replace(k, tee_key_algorithm=KeyAlgorithm(value))
+    if "timeout_s" in kbs:
+        k = replace(k, timeout_s=_number(kbs["timeout_s"], "kbs.timeout_s", low=0.1, high=600))
+    if "max_response_bytes" in kbs:
+        value = _integer(kbs["max_response_bytes"], "kbs.max_response_bytes", low=1024, high=1 << 30)
+        k = replace(k, max_response_bytes=value)
+    if "token_refresh_margin_s" in kbs:
+        value_f = _number(kbs["token_refresh_margin_s"], "kbs.token_refresh_margin_s", low=0, high=3600)
+        k = replace(k, token_refresh_margin_s=value_f)
+    cfg = replace(cfg, kbs=k)
+
+    log = _table(data, "log", {"level", "format"})
+    lg = cfg.log
+    if "level" in log:
+        lg = replace(lg, level=_choice(log["level"], LOG_LEVELS, "log.level"))
+    if "format" in log:
+        lg = replace(lg, format=_choice(log["format"], LOG_FORMATS, "log.format"))
+    return replace(cfg, log=lg)
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate a TOML config file; `None` gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        msg = f"config file {str(path)!r} cannot be read: {exc.strerror}"
+        raise ConfigError(msg, key="--config") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        msg = f"config file {str(path)!r} is {len(raw)} bytes, expected at most {MAX_CONFIG_BYTES}"
+        raise ConfigError(msg, key="--config")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        msg = f"config file {str(path)!r} is not valid TOML: {exc}"
+        raise ConfigError(msg, key="--config") from exc
+    return from_mapping(data)

@@ -1,0 +1,109 @@
+"""Transport-agnostic service objects: what the attestation agent and the data hub do. Orchestrator.
+
+The gRPC and ttRPC adapters in `agent.api` translate protobuf messages to these calls and errors to statuses;
+nothing here knows about either transport.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+
+import structlog
+
+from agent.errors import ConfigError, InvalidRequest, NotSupported
+from agent.kbs.client import KbsClient
+from agent.kbs.resource import parse_resource_uri
+from agent.tee.base import Attester
+
+__all__ = ["AttestationAgent", "DataHub", "MeasurementResult"]
+
+log = structlog.get_logger("agent.service")
+
+MAX_RUNTIME_DATA = 64 * 1024
+TOKEN_TYPES = ("kbs", "coco_as")
+
+
+class MeasurementResult(enum.IntEnum):
+    """`attestation_agent.RuntimeMeasurementResult`."""
+
+    OK = 0
+    NOT_SUPPORTED = 1
+    NOT_ENABLED = 2
+
+
+class AttestationAgent:
+    """The attestation agent: evidence, tokens, runtime measurement, initdata binding."""
+
+    def __init__(self, attester: Attester, kbs: KbsClient | None) -> None:
+        self._attester = attester
+        self._kbs = kbs
+
+    @property
+    def tee(self) -> str:
+        return self._attester.tee
+
+    def additional_tees(self) -> list[str]:
+        return []
+
+    async def get_evidence(self, runtime_data: bytes) -> bytes:
+        """Evidence with `runtime_data` as the report data, verbatim (never hashed here)."""
+        if len(runtime_data) > MAX_RUNTIME_DATA:
+            msg = f"runtime data is {len(runtime_data)} bytes, expected at most {MAX_RUNTIME_DATA}"
+            raise InvalidRequest(msg)
+        return await self._attester.get_evidence(runtime_data)
+
+    async def get_additional_evidence(self, runtime_data: bytes) -> bytes:
+        """Device evidence keyed by tee; empty bytes when there is no device attester (as the reference)."""
+        if len(runtime_data) > MAX_RUNTIME_DATA:
+            msg = f"runtime data is {len(runtime_data)} bytes, expected at most {MAX_RUNTIME_DATA}"
+            raise InvalidRequest(msg)
+        return b""
+
+    async def get_token(self, token_type: str) -> bytes:
+        """`kbs`: `{"token": <JWT>, "tee_keypair": <PEM private key>}` as the reference returns it."""
+        if token_type not in TOKEN_TYPES:
+            msg = f"token type is {token_type!r}, expected one of: {', '.join(TOKEN_TYPES)}"
+            raise InvalidRequest(msg)
+        if token_type == "coco_as":
+            msg = "the coco_as token type is not supported by this agent; use `kbs`"
+            raise NotSupported(msg)
+        kbs = self._require_kbs()
+        session = await kbs.session()
+        payload = {"token": session.token.raw, "tee_keypair": session.keypair.private_pem().decode("ascii")}
+        return json.dumps(payload, separators=(",", ":")).encode()
+
+    async def extend_runtime_measurement(
+        self, domain: str, operation: str, content: str, register_index: int | None
+    ) -> MeasurementResult:
+        if "\n" in content or " " in domain or " " in operation or not domain or not operation:
+            msg = "`Domain` and `Operation` must be non-empty without spaces, and `Content` must not contain a newline"
+            raise InvalidRequest(msg)
+        return MeasurementResult.NOT_ENABLED
+
+    async def bind_init_data(self, digest: bytes) -> None:
+        if not digest or len(digest) > 64:
+            msg = f"initdata digest is {len(digest)} bytes, expected 1 to 64"
+            raise InvalidRequest(msg)
+        await self._attester.bind_init_data(digest)
+
+    def _require_kbs(self) -> KbsClient:
+        if self._kbs is None:
+            msg = "no KBS is configured: set `kbs.url` in the config or pass --kbs-url"
+            raise ConfigError(msg, key="kbs.url")
+        return self._kbs
+
+
+class DataHub:
+    """The confidential data hub: resources from the KBS (sealed secrets and image keys build on it)."""
+
+    def __init__(self, kbs: KbsClient | None) -> None:
+        self._kbs = kbs
+
+    async def get_resource(self, resource_path: str) -> bytes:
+        """Raw resource bytes for `kbs:///repo/type/tag` (the URI's host part is ignored)."""
+        uri = parse_resource_uri(resource_path)
+        if self._kbs is None:
+            msg = "no KBS is configured: set `kbs.url` in the config or pass --kbs-url"
+            raise ConfigError(msg, key="kbs.url")
+        return await self._kbs.get_resource(uri)
