@@ -211,6 +211,11 @@ def _dev_kbs(args: argparse.Namespace) -> int:
         "to protect real secrets",
     )
     print(f"dev-kbs listening on {server.url}", flush=True)
+    import signal
+    import threading
+
+    # SIGTERM shuts the server down from another thread (serve_forever blocks this one), then exit 0
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     return EXIT_OK

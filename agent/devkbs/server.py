@@ -103,6 +103,10 @@ class DevKbsServer:
     def serve_forever(self) -> None:
         self._server.serve_forever()
 
+    def shutdown(self) -> None:
+        """Make `serve_forever` return (call from another thread)."""
+        self._server.shutdown()
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()

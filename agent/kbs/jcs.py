@@ -41,7 +41,7 @@ def _emit(value: object, out: list[str]) -> None:
     elif isinstance(value, str):
         out.append(_string(value))
     elif isinstance(value, int):
-        if abs(value) > _MAX_SAFE_INT:
+        if abs(value) >= _MAX_SAFE_INT:
             msg = f"integer {value} is not exactly representable in JSON (I-JSON)"
             raise ValueError(msg)
         out.append(str(value))

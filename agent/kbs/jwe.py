@@ -186,7 +186,16 @@ def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
         if not isinstance(protected_b64, str) or "aad" in body:
             raise DecryptionError
         header = json.loads(b64url_decode(protected_b64))
-        if not isinstance(header, dict) or header.get("enc") != _ENC or "crit" in header or "zip" in header:
+        if not isinstance(header, dict):
+            raise DecryptionError
+        # JOSE header = union of protected, shared and per-recipient headers; the members must be disjoint
+        # (RFC 7516 §7.2.1). Trustee puts everything in `protected`; jwcrypto puts `epk` per recipient.
+        for extra_name in ("unprotected", "header"):
+            extra = body.get(extra_name, {})
+            if not isinstance(extra, dict) or header.keys() & extra.keys():
+                raise DecryptionError
+            header = {**header, **extra}
+        if header.get("enc") != _ENC or "crit" in header or "zip" in header:
             raise DecryptionError
         if header.get("alg") != keypair.algorithm.jwe_alg:
             raise DecryptionError

@@ -72,8 +72,15 @@ def parse_resource_uri(uri: str) -> ResourceUri:
     if not slash:
         msg = f"resource URI {uri!r} has no path, expected kbs:///<repo>/<type>/<tag>"
         raise InvalidResourceUri(msg)
-    host, _, port = authority.rpartition(":") if authority.count(":") == 1 else (authority, "", "")
-    if not _HOST.fullmatch(host) or (port and not port.isdigit()):
+    if authority.startswith("[") and "]" in authority:
+        host, _, rest_port = authority.partition("]")
+        host += "]"
+        port = rest_port[1:] if rest_port.startswith(":") else rest_port
+    elif ":" in authority:
+        host, _, port = authority.rpartition(":")
+    else:
+        host, port = authority, ""
+    if not _HOST.fullmatch(host) or (port and not (port.isdigit() and len(port) <= 5)):
         msg = f"resource URI host {authority!r} is not a valid host[:port]"
         raise InvalidResourceUri(msg)
     path, _, query = path_query.partition("?")

@@ -1,0 +1,165 @@
+"""The `cvm-agent` command as users run it: daemon process, signals, readiness, client commands, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.devkbs.server import DevKbsServer
+from tests.integration.conftest import SECRET
+
+pytestmark = pytest.mark.integration
+
+
+def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, timeout=60, check=check)
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.socket = str(tmp_path / "d" / "agent.sock")
+        self.notify_path = str(tmp_path / "notify")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.notify.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path}
+        self.log_path = tmp_path / "daemon.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "serve", "--socket", self.socket, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def wait_ready(self) -> None:
+        message = self.notify.recv(64)
+        assert message == b"READY=1"
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=20)
+        self._log.close()
+        self.notify.close()
+        return code
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, dev_kbs: DevKbsServer) -> Iterator[Daemon]:
+    running = Daemon(tmp_path, "--tee", "sample", "--kbs-url", dev_kbs.url, "--log-level", "info")
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def test_ready_means_accepting_calls(daemon: Daemon) -> None:
+    # READY=1 was received by the fixture; the very first call must succeed without any retry.
+    result = cli("tee", "--socket", daemon.socket)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"sample\n"
+
+
+def test_client_commands(daemon: Daemon, tmp_path: Path) -> None:
+    evidence = cli("evidence", "--socket", daemon.socket, "--runtime-data", "aGVsbG8=")
+    assert json.loads(evidence.stdout) == {"svn": "1", "report_data": "aGVsbG8="}
+    resource = cli("resource", "kbs:///default/key/1", "--socket", daemon.socket)
+    assert resource.returncode == 0
+    assert resource.stdout == SECRET
+    out = tmp_path / "secret.bin"
+    assert cli("resource", "kbs:///default/key/1", "--socket", daemon.socket, "-o", str(out)).returncode == 0
+    assert out.read_bytes() == SECRET
+    assert out.stat().st_mode & 0o777 == 0o600
+    token = cli("token", "--socket", daemon.socket)
+    assert set(json.loads(token.stdout)) == {"token", "tee_keypair"}
+
+
+def test_exit_codes(daemon: Daemon, tmp_path: Path) -> None:
+    missing = cli("resource", "kbs:///default/key/nope", "--socket", daemon.socket)
+    assert missing.returncode == 1
+    assert b"PluginInternalError" in missing.stderr
+    malformed = cli("resource", "kbs:///a/../b", "--socket", daemon.socket)
+    assert malformed.returncode == 1
+    assert b"INVALID_ARGUMENT" in malformed.stderr
+    unreachable = cli("tee", "--socket", str(tmp_path / "nobody.sock"))
+    assert unreachable.returncode == 3
+    assert b"not reachable" in unreachable.stderr
+    assert cli("evidence", "--socket", daemon.socket, "--runtime-data", "!!").returncode == 2
+    assert cli("no-such-command").returncode == 2
+
+
+def test_sigterm_stops_cleanly_and_removes_socket(tmp_path: Path, dev_kbs: DevKbsServer) -> None:
+    running = Daemon(tmp_path, "--tee", "sample", "--kbs-url", dev_kbs.url)
+    running.wait_ready()
+    assert Path(running.socket).exists()
+    assert running.stop() == 0
+    assert not Path(running.socket).exists()
+    assert "agent.stopped" in running.log
+
+
+def test_sigint_also_stops(tmp_path: Path, dev_kbs: DevKbsServer) -> None:
+    running = Daemon(tmp_path, "--tee", "sample", "--kbs-url", dev_kbs.url)
+    running.wait_ready()
+    running.process.send_signal(signal.SIGINT)
+    assert running.stop() == 0
+    assert not Path(running.socket).exists()
+
+
+def test_startup_warnings_and_json_logs(daemon: Daemon) -> None:
+    cli("tee", "--socket", daemon.socket)
+    time.sleep(0.2)
+    lines = [json.loads(line) for line in daemon.log.splitlines()]
+    events = [line["event"] for line in lines]
+    assert "tee.sample.insecure" in events
+    assert "kbs.insecure_http" in events
+    assert "rpc" in events
+
+
+def test_no_tee_is_not_a_silent_fallback(tmp_path: Path) -> None:
+    result = cli("serve", "--socket", str(tmp_path / "x.sock"), "--tee", "auto")
+    assert result.returncode == 1
+    assert b"--tee sample" in result.stderr
+    assert not (tmp_path / "x.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tee", "bogus"], b"`--tee` is 'bogus'"),
+        (["--kbs-url", "ftp://x"], b"`--kbs-url` is 'ftp://x'"),
+        (["--socket", "10.1.2.3:50002"], b"TCP listeners must be on loopback"),
+        (["--config", "/nonexistent.toml"], b"cannot be read"),
+    ],
+)
+def test_invalid_config_fails_at_start(args: list[str], message: bytes) -> None:
+    result = cli("serve", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_check_config(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('tee = "sample"\n[kbs]\nurl = "http://127.0.0.1:1"\n')
+    result = cli("check-config", "--config", str(config), "--kbs-url", "https://kbs.example")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["kbs"]["url"] == "https://kbs.example"
+
+
+def test_help_mentions_every_command() -> None:
+    result = cli("--help")
+    for command in (b"serve", b"tee", b"evidence", b"token", b"resource", b"dev-kbs", b"check-config"):
+        assert command in result.stdout
+    assert b"exit codes" in result.stdout

@@ -1,0 +1,109 @@
+"""Configuration validation: every bad value names its key and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.errors import ConfigError
+from agent.kbs.jwe import KeyAlgorithm
+
+
+def test_defaults() -> None:
+    cfg = config.load(None)
+    assert cfg.tee == "auto"
+    assert cfg.socket.unix_path == "/run/confidential-containers/cvm-agent/agent.sock"
+    assert cfg.kbs.url is None
+    assert cfg.kbs.tee_key_algorithm is KeyAlgorithm.EC_P256
+
+
+def test_full_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        """
+tee = "sample"
+socket = "unix:///tmp/x.sock"
+grpc_listen = ["127.0.0.1:50002", "[::1]:50003", "localhost:50004"]
+[kbs]
+url = "https://kbs.example:8080/"
+cert = "/etc/ca.pem"
+tee_key_algorithm = "RSA-OAEP-256"
+timeout_s = 5
+max_response_bytes = 4096
+token_refresh_margin_s = 0
+[log]
+level = "DEBUG"
+format = "json"
+"""
+    )
+    cfg = config.load(path)
+    assert cfg.tee == "sample"
+    assert cfg.socket.unix_path == "/tmp/x.sock"
+    assert [str(a) for a in cfg.grpc_listen] == ["127.0.0.1:50002", "[::1]:50003", "127.0.0.1:50004"]
+    assert cfg.kbs.url == "https://kbs.example:8080"
+    assert cfg.kbs.cert_path == "/etc/ca.pem"
+    assert cfg.kbs.tee_key_algorithm is KeyAlgorithm.RSA_OAEP_256
+    assert cfg.kbs.timeout_s == 5.0
+    assert cfg.log.level == "debug"
+    assert not cfg.kbs.insecure_http
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"tee": "tdx2"}, "`tee` is 'tdx2', expected one of: auto, sample"),
+        ({"teee": "sample"}, "`teee` is not a known key"),
+        ({"kbs": {"url": "ftp://x"}}, "`kbs.url` is 'ftp://x', expected an http:// or https:// URL with a host"),
+        ({"kbs": {"url": "http://"}}, "`kbs.url` is 'http://'"),
+        ({"kbs": {"url": "http://u:p@h"}}, "credentials are not allowed"),
+        ({"kbs": {"url": "http://h:99999"}}, "the port is not valid"),
+        ({"kbs": {"url": 5}}, "`kbs.url` is 5"),
+        ({"kbs": {"timeout_s": 0}}, "`kbs.timeout_s` is 0, expected a number from 0.1 to 600"),
+        ({"kbs": {"timeout_s": True}}, "`kbs.timeout_s` is True"),
+        ({"kbs": {"max_response_bytes": 1.5}}, "`kbs.max_response_bytes` is 1.5, expected a whole number"),
+        ({"kbs": {"tee_key_algorithm": "RSA1_5"}}, "`kbs.tee_key_algorithm` is 'RSA1_5'"),
+        ({"kbs": {"urll": "x"}}, "`kbs.urll` is not a known key"),
+        ({"kbs": "x"}, "`kbs` is 'x', expected a table"),
+        ({"log": {"level": "trace"}}, "`log.level` is 'trace'"),
+        ({"socket": "10.0.0.1:80"}, "TCP listeners must be on loopback"),
+        ({"socket": "0.0.0.0:80"}, "TCP listeners must be on loopback"),
+        ({"socket": "127.0.0.1:0"}, "port '0' is not in 1..65535"),
+        ({"socket": ""}, "`socket` is ''"),
+        ({"socket": "/" + "a" * 120}, "at most 107"),
+        ({"grpc_listen": "127.0.0.1:1"}, "`grpc_listen` is '127.0.0.1:1', expected a list"),
+    ],
+)
+def test_invalid_values(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(data)
+    assert message in str(info.value)
+
+
+def test_cli_overrides_name_the_flag() -> None:
+    cfg = config.Config()
+    with pytest.raises(ConfigError, match="`--tee` is 'x'"):
+        cfg.with_overrides(tee="x")
+    with pytest.raises(ConfigError, match="`--kbs-url`"):
+        cfg.with_overrides(kbs_url="nope")
+    overridden = cfg.with_overrides(tee="sample", socket="/tmp/s", kbs_url="http://127.0.0.1:1", kbs_cert="/c.pem")
+    assert overridden.tee == "sample"
+    assert overridden.socket.unix_path == "/tmp/s"
+    assert overridden.kbs.insecure_http
+    assert overridden.kbs.cert_path == "/c.pem"
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("tee = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+
+
+def test_describe_round_trips_values() -> None:
+    described = config.from_mapping({"tee": "sample", "kbs": {"url": "http://127.0.0.1:8080"}}).describe()
+    assert described["tee"] == "sample"
+    assert described["kbs"]["url"] == "http://127.0.0.1:8080"

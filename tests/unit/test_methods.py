@@ -1,0 +1,69 @@
+"""The RPC method table: wire paths and the one error → status mapping."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from agent import errors
+from agent.api import methods
+from agent.api.status import RpcError, StatusCode
+from agent.service import AttestationAgent, DataHub
+from agent.tee.sample import SampleAttester
+
+
+def all_error_classes() -> list[type[errors.AgentError]]:
+    return [
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.AgentError) and cls is not errors.AgentError
+    ]
+
+
+@pytest.mark.parametrize("cls", all_error_classes(), ids=lambda c: c.__name__)
+def test_every_error_maps_to_a_specific_status(cls: type[errors.AgentError]) -> None:
+    error = cls.__new__(cls)
+    code = methods.status_for(error)
+    assert code not in (StatusCode.UNKNOWN, StatusCode.OK)
+
+
+def test_reference_method_paths() -> None:
+    table = methods.build_methods(AttestationAgent(SampleAttester(), None), DataHub(None))
+    paths = {m.path for m in table}
+    assert paths == {
+        "/attestation_agent.AttestationAgentService/GetEvidence",
+        "/attestation_agent.AttestationAgentService/GetAdditionalEvidence",
+        "/attestation_agent.AttestationAgentService/GetToken",
+        "/attestation_agent.AttestationAgentService/ExtendRuntimeMeasurement",
+        "/attestation_agent.AttestationAgentService/BindInitData",
+        "/attestation_agent.AttestationAgentService/GetTeeType",
+        "/attestation_agent.AttestationAgentService/GetAdditionalTees",
+        "/api.GetResourceService/GetResource",
+        "/api.SealedSecretService/UnsealSecret",
+        "/api.SecureMountService/SecureMount",
+        "/api.ImagePullService/PullImage",
+        "/keyprovider.KeyProviderService/WrapKey",
+        "/keyprovider.KeyProviderService/UnWrapKey",
+    }
+
+
+async def test_undecodable_request_is_invalid_argument() -> None:
+    table = {m.name: m for m in methods.build_methods(AttestationAgent(SampleAttester(), None), None)}
+    with pytest.raises(RpcError) as info:
+        await table["GetEvidence"].invoke(b"\xff\xff\xff", transport="test")
+    assert info.value.code is StatusCode.INVALID_ARGUMENT
+
+
+async def test_unexpected_exception_hides_its_text() -> None:
+    async def crash(_request: object) -> object:
+        msg = "secret-material-in-exception"
+        raise RuntimeError(msg)
+
+    from agent.api._gen import attestation_agent_pb2 as pb
+
+    method = methods.Method("svc", "Crash", pb.GetTeeTypeRequest, crash)  # type: ignore[arg-type]  # test handler
+    with pytest.raises(RpcError) as info:
+        await method.invoke(b"", transport="test")
+    assert info.value.code is StatusCode.INTERNAL
+    assert "secret" not in info.value.message
