@@ -1,0 +1,93 @@
+"""RPC latency over the gRPC unix socket, as ratios to the floor of an empty RPC measured in the same run.
+
+Floor: `GetTeeType` (empty request, constant answer: transport + dispatch only). Measured: `GetEvidence`
+(sample TEE), `GetResource` with a warm attested session (one KBS GET + JWE decrypt over loopback HTTP), and a
+cold `GetResource` (full auth + attest + GET + decrypt with a fresh P-256 key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc.aio
+
+from agent import log as agent_log
+from agent.api._gen import api_pb2
+from agent.api._gen import attestation_agent_pb2 as aa
+from agent.api.grpc_server import GrpcServer
+from agent.api.methods import build_methods
+from agent.config import ListenAddress
+from agent.devkbs.server import DevKbsServer
+from agent.kbs.client import KbsClient
+from agent.service import AttestationAgent, DataHub
+from agent.tee.sample import SampleAttester
+
+
+async def median_ms(call: Callable[[], Awaitable[Any]], rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+async def run(rounds: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "res" / "default" / "key").mkdir(parents=True)
+        (root / "res" / "default" / "key" / "1").write_bytes(b"x" * 32)
+        with DevKbsServer(root / "res") as kbs:
+            attester = SampleAttester()
+            client = KbsClient(url=kbs.url, attester=attester)
+            sock = str(root / "agent.sock")
+            server = GrpcServer(
+                build_methods(AttestationAgent(attester, client), DataHub(client)), [ListenAddress(unix_path=sock)]
+            )
+            await server.start()
+            channel = grpc.aio.insecure_channel(f"unix:{sock}")
+
+            def stub(path: str, response: Any) -> Any:
+                return channel.unary_unary(
+                    path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response.FromString
+                )
+
+            tee = stub("/attestation_agent.AttestationAgentService/GetTeeType", aa.GetTeeTypeResponse)
+            evidence = stub("/attestation_agent.AttestationAgentService/GetEvidence", aa.GetEvidenceResponse)
+            resource = stub("/api.GetResourceService/GetResource", api_pb2.GetResourceResponse)
+            request = api_pb2.GetResourceRequest(ResourcePath="kbs:///default/key/1")
+            try:
+                await tee(aa.GetTeeTypeRequest())  # warm the channel
+                floor = await median_ms(lambda: tee(aa.GetTeeTypeRequest()), rounds)
+                ev = await median_ms(lambda: evidence(aa.GetEvidenceRequest(RuntimeData=b"r" * 48)), rounds)
+                await resource(request)
+                warm = await median_ms(lambda: resource(request), rounds)
+
+                async def cold() -> None:
+                    client._session = None  # benchmark forces a fresh handshake
+                    await resource(request)
+
+                cold_ms = await median_ms(cold, max(5, rounds // 10))
+            finally:
+                await channel.close()
+                await server.stop(0)
+                await client.aclose()
+    return {"floor_ms": floor, "evidence": ev / floor, "resource_warm": warm / floor, "resource_cold": cold_ms / floor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    rounds = int(args[0]) if args else 200
+    agent_log.configure("error")
+    result = asyncio.run(run(rounds))
+    print(f"rpc floor (GetTeeType, median of {rounds}): {result['floor_ms']:.3f} ms")
+    for name in ("evidence", "resource_warm", "resource_cold"):
+        print(f"{name:>14}: {result[name]:7.2f} x floor")
+    return 0
