@@ -96,7 +96,7 @@ class KbsClient:
         self._clock = clock
         self._sleep = sleep
         self._session: AttestedSession | None = None
-        self._lock = asyncio.Lock()
+        self._inflight: asyncio.Future[AttestedSession] | None = None
         self.handshakes = 0
         verify: ssl.SSLContext | bool = build_ssl_context(cert_path) if url.startswith("https://") else False
         self._http = httpx.AsyncClient(
@@ -219,20 +219,27 @@ class KbsClient:
         return not (nbf is not None and now < nbf - self._margin)
 
     async def session(self, *, stale: AttestedSession | None = None) -> AttestedSession:
-        """The current attested session, running one handshake for all waiters when needed.
+        """The current attested session, running one handshake for all concurrent callers when needed.
 
         `stale` names a session the caller found rejected (401): it is replaced unless someone already did.
+        Callers that arrive while a handshake runs share its result, including its failure.
         """
         current = self._session
         if current is not None and current is not stale and self._usable(current):
             return current
-        async with self._lock:
-            current = self._session
-            if current is not None and current is not stale and self._usable(current):
-                return current
+        if self._inflight is None:
             self._session = None
+            self._inflight = asyncio.ensure_future(self._handshake_and_store())
+            # the outcome is always retrieved, even if every waiter was cancelled
+            self._inflight.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(self._inflight)
+
+    async def _handshake_and_store(self) -> AttestedSession:
+        try:
             self._session = await self._handshake()
             return self._session
+        finally:
+            self._inflight = None
 
     async def get_resource(self, uri: ResourceUri) -> bytes:
         """Fetch and decrypt a resource; one fresh handshake and retry on 401."""

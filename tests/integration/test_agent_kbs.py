@@ -187,10 +187,14 @@ class TestGetResource:
             port = probe.getsockname()[1]
         agent = await start_agent(str(tmp_path / "a.sock"), f"http://127.0.0.1:{port}", sleep=_no_sleep)
         try:
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await get_resource(agent, "kbs:///default/key/1")
-            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-            assert "unreachable" in (info.value.details() or "")
+            results = await asyncio.gather(
+                *(get_resource(agent, "kbs:///default/key/1") for _ in range(10)), return_exceptions=True
+            )
+            for result in results:
+                assert isinstance(result, grpc.aio.AioRpcError)
+                assert result.code() is grpc.StatusCode.UNAVAILABLE
+                assert "unreachable" in (result.details() or "")
+            assert agent.kbs.handshakes < 10  # callers waiting together share a failed handshake (unit-tested)
         finally:
             await stop_agent(agent)
 
