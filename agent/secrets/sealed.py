@@ -1,0 +1,457 @@
+"""Sealed secrets: `sealed.<header>.<payload>.<signature>`, an ES256 JWS over a secret description. Pure.
+
+The three parts after `sealed.` are a JWS compact serialisation (RFC 7515), each part base64url without padding.
+The protected header carries `alg` (`"ES256"`) and `kid`; the signature is raw `r || s` (64 bytes) over the
+ASCII bytes `"<header>.<payload>"`; the payload is JSON `{"version":"0.1.0","type":"vault"|"envelope",...}`.
+
+`kid` names the P-256 public JWK that verifies the signature: a KBS resource when it parses as a resource URI
+(`kid_is_resource_uri`), otherwise a local key name. Fetching that key is the caller's job:
+
+    secret = parse(text)                          # structure, alg and kid only; nothing is verified yet
+    jwk = fetch(secret.kid)                       # I/O, elsewhere
+    payload = verify(secret, jwk)                 # VaultSecret | EnvelopeSecret, or InvalidRequest
+
+`parse_unverified` is the insecure skip-verification mode, and `seal` / `generate_signing_key` serve users who
+create sealed secrets.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+from agent.errors import InvalidRequest
+from agent.keyprovider.annotation import WrapType
+
+__all__ = [
+    "EnvelopeSecret",
+    "SealedSecret",
+    "VaultSecret",
+    "generate_signing_key",
+    "kid_is_resource_uri",
+    "parse",
+    "parse_payload",
+    "parse_unverified",
+    "seal",
+    "verify",
+    "MAX_SEALED_SECRET_SIZE",
+    "SECRET_VERSION",
+]
+
+SEALED_PREFIX = "sealed."
+SECRET_VERSION = "0.1.0"
+ALGORITHM = "ES256"
+MAX_SEALED_SECRET_SIZE = 1024 * 1024
+"""Largest sealed secret accepted (the size limit of a Kubernetes Secret)."""
+
+_P256_COORDINATE_SIZE = 32
+_SIGNATURE_SIZE = 2 * _P256_COORDINATE_SIZE
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+_B64_STD = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_C0_AND_SPACE = "".join(chr(c) for c in range(0x21))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VaultSecret:
+    """A secret stored by a provider (`kbs`, `aliyun`, `aws`, ...) under `name`, e.g. `kbs:///one/2/trois`."""
+
+    name: str
+    provider: str
+    provider_settings: Mapping[str, object] = field(default_factory=dict)
+    annotations: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _freeze(self, "provider_settings", "annotations")
+
+    def to_json_object(self) -> dict[str, object]:
+        """The payload object `seal` signs, members in the reference order (`version`, `type` first)."""
+        return {
+            "version": SECRET_VERSION,
+            "type": "vault",
+            "name": self.name,
+            "provider": self.provider,
+            "provider_settings": dict(self.provider_settings),
+            "annotations": dict(self.annotations),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvelopeSecret:
+    """A secret encrypted under a data key (`encrypted_data`), whose key a KMS wraps (`encrypted_key`).
+
+    The byte fields travel as standard base64. Construction checks that `iv` has the cipher's length
+    (12 bytes for A256GCM, 16 for A256CTR) and raises `InvalidRequest` otherwise.
+    """
+
+    key_id: str
+    encrypted_key: bytes = field(repr=False)
+    encrypted_data: bytes = field(repr=False)
+    wrap_type: WrapType
+    iv: bytes
+    provider: str
+    provider_settings: Mapping[str, object] = field(default_factory=dict)
+    annotations: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.iv) != self.wrap_type.iv_size:
+            msg = f"sealed secret `iv` is {len(self.iv)} bytes, expected {self.wrap_type.iv_size} for {self.wrap_type}."
+            raise InvalidRequest(msg)
+        _freeze(self, "provider_settings", "annotations")
+
+    def to_json_object(self) -> dict[str, object]:
+        """The payload object `seal` signs, members in the reference order (`version`, `type` first)."""
+        return {
+            "version": SECRET_VERSION,
+            "type": "envelope",
+            "key_id": self.key_id,
+            "encrypted_key": _b64encode_std(self.encrypted_key),
+            "encrypted_data": _b64encode_std(self.encrypted_data),
+            "wrap_type": str(self.wrap_type),
+            "iv": _b64encode_std(self.iv),
+            "provider": self.provider,
+            "provider_settings": dict(self.provider_settings),
+            "annotations": dict(self.annotations),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SealedSecret:
+    """A sealed secret split into its JWS parts. Its structure is checked; its signature is not (see `verify`)."""
+
+    kid: str
+    protected: Mapping[str, object]
+    signing_input: bytes
+    payload: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _freeze(self, "protected")
+
+
+def parse(sealed: str | bytes) -> SealedSecret:
+    """Split `sealed.<header>.<payload>.<signature>` and check its structure. Does **not** verify the signature.
+
+    Checks: the `sealed.` prefix, four parts, strict base64url (no padding), a JSON object header with a
+    non-empty string `kid` and `alg == "ES256"` and no `crit`, and a 64-byte signature.
+    Raises `InvalidRequest` naming what is wrong.
+    """
+    text = _text(sealed)
+    if not text.startswith(SEALED_PREFIX):
+        msg = "sealed secret does not start with `sealed.`."
+        raise InvalidRequest(msg)
+    parts = text[len(SEALED_PREFIX) :].split(".")
+    if len(parts) != 3:
+        msg = f"sealed secret has {len(parts) + 1} dot-separated parts, expected 4."
+        raise InvalidRequest(msg)
+    header_b64, payload_b64, signature_b64 = parts
+
+    header = _load_json_object(_b64url_decode(header_b64, "sealed secret header"), "sealed secret header")
+    alg = header.get("alg")
+    if alg != ALGORITHM:
+        got = _shown(alg) if isinstance(alg, str) else "missing" if alg is None else "not a string"
+        msg = f"sealed secret header `alg` is {got}, expected 'ES256'."
+        raise InvalidRequest(msg)
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        msg = "sealed secret header `kid` is missing or not a non-empty string."
+        raise InvalidRequest(msg)
+    if "crit" in header:
+        msg = "sealed secret header has `crit`, expected no critical extensions."
+        raise InvalidRequest(msg)
+
+    payload = _b64url_decode(payload_b64, "sealed secret payload")
+    signature = _b64url_decode(signature_b64, "sealed secret signature")
+    if len(signature) != _SIGNATURE_SIZE:
+        msg = f"sealed secret signature is {len(signature)} bytes, expected {_SIGNATURE_SIZE} (ES256 r || s)."
+        raise InvalidRequest(msg)
+    return SealedSecret(
+        kid=kid,
+        protected=header,
+        signing_input=f"{header_b64}.{payload_b64}".encode("ascii"),
+        payload=payload,
+        signature=signature,
+    )
+
+
+def verify(secret: SealedSecret | str | bytes, jwk: bytes | Mapping[str, object]) -> VaultSecret | EnvelopeSecret:
+    """Verify the ES256 signature with the P-256 public JWK, then parse the payload.
+
+    `jwk` is the key's JSON (bytes) or its decoded object; `d` and other private members are ignored.
+    Raises `InvalidRequest("sealed secret signature does not verify")` on a bad signature, and
+    `InvalidRequest` naming the member for a malformed key or payload.
+    """
+    if not isinstance(secret, SealedSecret):
+        secret = parse(secret)
+    public_key = _load_p256_jwk(jwk)
+    r = int.from_bytes(secret.signature[:_P256_COORDINATE_SIZE], "big")
+    s = int.from_bytes(secret.signature[_P256_COORDINATE_SIZE:], "big")
+    try:
+        public_key.verify(encode_dss_signature(r, s), secret.signing_input, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        msg = "sealed secret signature does not verify"
+        raise InvalidRequest(msg) from None
+    return parse_payload(secret.payload)
+
+
+def parse_unverified(sealed: str | bytes) -> VaultSecret | EnvelopeSecret:
+    """**Insecure**: read the payload without any signature check (`skip_sealed_secret_verification`).
+
+    Mirrors the reference data hub: any string of exactly four dot-separated parts is accepted, the first,
+    second and fourth are not looked at, and the third is decoded as base64url without padding.
+    """
+    parts = _text(sealed).split(".")
+    if len(parts) != 4:
+        msg = f"sealed secret has {len(parts)} dot-separated parts, expected 4."
+        raise InvalidRequest(msg)
+    return parse_payload(_b64url_decode(parts[2], "sealed secret payload"))
+
+
+def parse_payload(data: bytes) -> VaultSecret | EnvelopeSecret:
+    """Parse the payload JSON (version `0.1.0`, type `vault` or `envelope`). Unknown members are ignored."""
+    obj = _load_json_object(data, "sealed secret payload")
+    version = obj.get("version")
+    if version != SECRET_VERSION:
+        got = _shown(version) if isinstance(version, str) else _json_kind(obj, "version")
+        msg = f"sealed secret `version` is {got}, expected '0.1.0'."
+        raise InvalidRequest(msg)
+    kind = obj.get("type")
+    if kind == "vault":
+        return VaultSecret(
+            name=_get_str(obj, "name"),
+            provider=_get_str(obj, "provider"),
+            provider_settings=_get_object(obj, "provider_settings"),
+            annotations=_get_object(obj, "annotations"),
+        )
+    if kind == "envelope":
+        wrap_type_text = _get_str(obj, "wrap_type")
+        try:
+            wrap_type = WrapType(wrap_type_text)
+        except ValueError:
+            msg = f"sealed secret `wrap_type` is {_shown(wrap_type_text)}, expected 'A256GCM' or 'A256CTR'."
+            raise InvalidRequest(msg) from None
+        return EnvelopeSecret(
+            key_id=_get_str(obj, "key_id"),
+            encrypted_key=_b64decode_std(_get_str(obj, "encrypted_key"), "encrypted_key"),
+            encrypted_data=_b64decode_std(_get_str(obj, "encrypted_data"), "encrypted_data"),
+            wrap_type=wrap_type,
+            iv=_b64decode_std(_get_str(obj, "iv"), "iv"),
+            provider=_get_str(obj, "provider"),
+            provider_settings=_get_object(obj, "provider_settings"),
+            annotations=_get_object(obj, "annotations"),
+        )
+    got = _shown(kind) if isinstance(kind, str) else _json_kind(obj, "type")
+    msg = f"sealed secret `type` is {got}, expected 'vault' or 'envelope'."
+    raise InvalidRequest(msg)
+
+
+def seal(payload: VaultSecret | EnvelopeSecret, signing_key: ec.EllipticCurvePrivateKey, kid: str) -> str:
+    """Sign `payload` with a P-256 key as `sealed.<header>.<payload>.<signature>`, header `{"alg":"ES256","kid"}`.
+
+    Raises `TypeError` for a key on another curve and `ValueError` for an empty `kid`.
+    """
+    if not isinstance(signing_key.curve, ec.SECP256R1):
+        msg = f"signing key is on {signing_key.curve.name}, expected secp256r1 (P-256) for ES256"
+        raise TypeError(msg)
+    if not kid:
+        msg = "`kid` must be a non-empty key id"
+        raise ValueError(msg)
+    header_b64 = _b64url_encode(_dump_json({"alg": ALGORITHM, "kid": kid}))
+    payload_b64 = _b64url_encode(_dump_json(payload.to_json_object()))
+    signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
+    r, s = decode_dss_signature(signing_key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    signature = r.to_bytes(_P256_COORDINATE_SIZE, "big") + s.to_bytes(_P256_COORDINATE_SIZE, "big")
+    return f"{SEALED_PREFIX}{header_b64}.{payload_b64}.{_b64url_encode(signature)}"
+
+
+def generate_signing_key() -> tuple[bytes, bytes]:
+    """A fresh P-256 key: (private key as unencrypted PKCS#8 PEM, public JWK as JSON bytes)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    numbers = key.public_key().public_numbers()
+    jwk = {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64url_encode(numbers.x.to_bytes(_P256_COORDINATE_SIZE, "big")),
+        "y": _b64url_encode(numbers.y.to_bytes(_P256_COORDINATE_SIZE, "big")),
+    }
+    return pem, _dump_json(jwk)
+
+
+def kid_is_resource_uri(kid: str) -> bool:
+    """Whether the data hub would fetch this `kid` from the KBS rather than read a local key file.
+
+    Mirrors guest-components' `ResourceUri::try_from`: the kid parses as a URL whose scheme is `kbs` or
+    `kbs+<plugin>` and whose path is not empty (`kbs:///repo/type/tag`, `kbs://host:8080/a/b/c`); the number
+    of path segments is not checked here. URL parsing follows WHATWG only as far as this decision needs.
+    """
+    text = kid.strip(_C0_AND_SPACE).replace("\t", "").replace("\n", "").replace("\r", "")
+    scheme, colon, _ = text.partition(":")
+    if not colon or not _URL_SCHEME.fullmatch(scheme):
+        return False
+    scheme = scheme.lower()
+    if scheme != "kbs" and not (scheme.startswith("kbs+") and len(scheme) > len("kbs+")):
+        return False
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        return False
+    if any(c.isspace() or c in "<>[]^|\\" for c in parts.netloc.rpartition("@")[2]):
+        return False
+    return parts.path != ""
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _freeze(obj: object, *names: str) -> None:
+    for name in names:
+        object.__setattr__(obj, name, MappingProxyType(dict(getattr(obj, name))))
+
+
+def _text(sealed: str | bytes) -> str:
+    if len(sealed) > MAX_SEALED_SECRET_SIZE:
+        msg = f"sealed secret is {len(sealed):#x} bytes, expected at most {MAX_SEALED_SECRET_SIZE:#x}."
+        raise InvalidRequest(msg)
+    if isinstance(sealed, str):
+        return sealed
+    try:
+        return sealed.decode("utf-8")
+    except UnicodeDecodeError:
+        msg = "sealed secret is not UTF-8."
+        raise InvalidRequest(msg) from None
+
+
+def _load_p256_jwk(jwk: bytes | Mapping[str, object]) -> ec.EllipticCurvePublicKey:
+    obj = _load_json_object(jwk, "verification key") if isinstance(jwk, bytes) else jwk
+    if obj.get("kty") != "EC":
+        msg = "verification key `kty` is not 'EC', expected an EC P-256 JWK."
+        raise InvalidRequest(msg)
+    if obj.get("crv") != "P-256":
+        msg = "verification key `crv` is not 'P-256', expected an EC P-256 JWK."
+        raise InvalidRequest(msg)
+    coordinates = []
+    for name in ("x", "y"):
+        value = obj.get(name)
+        if not isinstance(value, str):
+            msg = f"verification key `{name}` is missing or not a string."
+            raise InvalidRequest(msg)
+        raw = _b64url_decode(value, f"verification key `{name}`")
+        if len(raw) != _P256_COORDINATE_SIZE:
+            msg = f"verification key `{name}` is {len(raw)} bytes, expected {_P256_COORDINATE_SIZE}."
+            raise InvalidRequest(msg)
+        coordinates.append(int.from_bytes(raw, "big"))
+    try:
+        return ec.EllipticCurvePublicNumbers(coordinates[0], coordinates[1], ec.SECP256R1()).public_key()
+    except ValueError:
+        msg = "verification key is not a point on P-256."
+        raise InvalidRequest(msg) from None
+
+
+def _get_str(obj: Mapping[str, object], key: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        msg = f"sealed secret `{key}` is {_json_kind(obj, key)}, expected a string."
+        raise InvalidRequest(msg)
+    return value
+
+
+def _get_object(obj: Mapping[str, object], key: str) -> dict[str, object]:
+    value = obj.get(key)
+    if not isinstance(value, dict):
+        msg = f"sealed secret `{key}` is {_json_kind(obj, key)}, expected an object."
+        raise InvalidRequest(msg)
+    return value
+
+
+def _json_kind(obj: Mapping[str, object], key: str) -> str:
+    if key not in obj:
+        return "missing"
+    value = obj[key]
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}.get(
+        type(value), "an object"
+    )
+
+
+def _load_json_object(data: bytes, what: str) -> dict[str, object]:
+    """Strict JSON: UTF-8, an object at the top, no duplicate keys, no NaN/Infinity, no lone surrogates."""
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # also UnicodeDecodeError / UnicodeEncodeError / duplicate keys
+        msg = f"{what} is not valid JSON."
+        raise InvalidRequest(msg) from None
+    if not isinstance(value, dict):
+        msg = f"{what} is not a JSON object."
+        raise InvalidRequest(msg)
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        msg = "duplicate key"
+        raise ValueError(msg)
+    return result
+
+
+def _no_constant(name: str) -> object:
+    msg = f"{name} is not JSON"
+    raise ValueError(msg)
+
+
+def _dump_json(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _b64url_decode(text: str, what: str) -> bytes:
+    """base64url without padding, canonical (Rust `URL_SAFE_NO_PAD` rejects padding and stray trailing bits)."""
+    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
+        msg = f"{what} is not unpadded base64url."
+        raise InvalidRequest(msg)
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64url_encode(raw) != text:
+        msg = f"{what} is not canonical base64url (nonzero trailing bits)."
+        raise InvalidRequest(msg)
+    return raw
+
+
+def _b64url_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode_std(text: str, key: str) -> bytes:
+    if len(text) % 4 or not _B64_STD.fullmatch(text):
+        msg = f"sealed secret `{key}` is not padded standard base64."
+        raise InvalidRequest(msg)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        msg = f"sealed secret `{key}` is not padded standard base64."
+        raise InvalidRequest(msg) from None
+    if _b64encode_std(raw) != text:
+        msg = f"sealed secret `{key}` is not canonical base64 (nonzero trailing bits)."
+        raise InvalidRequest(msg)
+    return raw
+
+
+def _b64encode_std(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
