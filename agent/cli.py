@@ -50,6 +50,44 @@ def _add_client_socket(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_image_commands(sub: Any) -> None:
+    """Image-layer keys and sealed secrets: unwrap, unseal, keyprovider, seal."""
+    p = sub.add_parser("unwrap", help="unwrap an image layer key through the agent (debug image pulls)", epilog=_EPILOG)
+    _add_client_socket(p)
+    p.add_argument(
+        "annotation",
+        metavar="ANNOTATION",
+        help="the layer's org.opencontainers.image.enc.keys.provider.attestation-agent value (base64), or @FILE",
+    )
+    p = sub.add_parser("unseal", help="unseal a sealed secret through the agent", epilog=_EPILOG)
+    _add_client_socket(p)
+    p.add_argument("secret", metavar="SEALED", help="sealed.<header>.<payload>.<signature>, or @FILE")
+
+    p = sub.add_parser(
+        "keyprovider",
+        help="run the image owner's wrap-only key provider for skopeo/ocicrypt (outside the TEE)",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--listen", required=True, metavar="ADDR", help="loopback HOST:PORT, or unix:PATH / PATH")
+    p.add_argument("--provider-name", default="attestation-agent", help="ocicrypt provider name (default %(default)s)")
+    p.add_argument("--kek-file", metavar="FILE", help="wrap every layer under this 32-byte key")
+    p.add_argument("--kid", metavar="URI", help="KBS resource URI of the KEK (default: keyid= or a generated one)")
+    p.add_argument("--kek-dir", metavar="DIR", help="save generated KEKs under DIR/<repo>/<type>/<tag> (0600)")
+    p.add_argument("--algorithm", default="A256GCM", choices=["A256GCM", "A256CTR"], help="default %(default)s")
+    p.add_argument("--kbs-url", metavar="URL", help="register generated KEKs with this KBS (admin resource API)")
+    p.add_argument("--kbs-cert", metavar="PEM_FILE", help="extra CA certificate for HTTPS to the KBS")
+    p.add_argument("--admin-key", metavar="PEM_FILE", help="admin private key (Ed25519, P-256, RSA) to sign tokens")
+    p.add_argument("--admin-token-file", metavar="FILE", help="a ready-made admin bearer token")
+    p.add_argument("--admin-claims", metavar="JSON", help='extra admin token claims, e.g. \'{"role":"admin"}\'')
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+    p = sub.add_parser("seal", help="create a sealed secret, or a signing key for sealed secrets", epilog=_EPILOG)
+    p.add_argument("--generate-key", metavar="PREFIX", help="write PREFIX.pem (private, 0600) and PREFIX.jwk (public)")
+    p.add_argument("--signing-key", metavar="PEM_FILE", help="P-256 private key that signs the secret")
+    p.add_argument("--kid", metavar="KID", help="verification key id: a resource URI (kbs:///r/t/tag) or a key name")
+    p.add_argument("--name", metavar="URI", help="the KBS resource holding the secret (vault secret)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cvm-agent",
@@ -76,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", metavar="URI", help="resource URI, e.g. kbs:///default/key/1")
     p.add_argument("-o", "--output", metavar="FILE", help="write the raw bytes to FILE (mode 0600) instead of stdout")
 
+    _add_image_commands(sub)
+
     p = sub.add_parser(
         "dev-kbs", help="run the development KBS (mock-TEE work only; not for production)", epilog=_EPILOG
     )
@@ -86,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
     p.add_argument("--token-minutes", type=float, default=5.0, help="token lifetime (default 5)")
     p.add_argument("--session-minutes", type=float, default=5.0, help="session cookie lifetime (default 5)")
+    p.add_argument("--admin-public-key", metavar="PEM", help="accept admin resource uploads signed by this key")
+    p.add_argument("--insecure-admin", action="store_true", help="accept admin resource uploads from anyone")
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -161,6 +203,31 @@ def _client(args: argparse.Namespace) -> int:
             aa.GetTokenResponse,
         )
         sys.stdout.write(reply.Token.decode("utf-8", "replace") + "\n")
+    elif args.command == "unwrap":
+        from agent.api._gen import keyprovider_pb2 as kp
+        from agent.keyprovider import messages
+
+        text = _text_arg(args.annotation)
+        try:
+            packet = base64.b64decode(text, validate=True)
+        except binascii.Error:
+            _error("ANNOTATION is not valid standard base64")
+            return EXIT_USAGE
+        request = kp.KeyProviderKeyWrapProtocolInput(KeyProviderKeyWrapProtocolInput=messages.unwrap_request(packet))
+        reply = _call(
+            args.socket, "/keyprovider.KeyProviderService/UnWrapKey", request, kp.KeyProviderKeyWrapProtocolOutput
+        )
+        optsdata = messages.parse_reply(reply.KeyProviderKeyWrapProtocolOutput)
+        sys.stdout.write(optsdata.decode("utf-8", "replace") + "\n")
+    elif args.command == "unseal":
+        reply = _call(
+            args.socket,
+            "/api.SealedSecretService/UnsealSecret",
+            api_pb2.UnsealSecretInput(secret=_text_arg(args.secret).encode()),
+            api_pb2.UnsealSecretOutput,
+        )
+        sys.stdout.buffer.write(reply.plaintext)
+        sys.stdout.buffer.flush()
     elif args.command == "resource":
         reply = _call(
             args.socket,
@@ -175,6 +242,67 @@ def _client(args: argparse.Namespace) -> int:
         else:
             sys.stdout.buffer.write(reply.Resource)
             sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+def _text_arg(value: str) -> str:
+    """A command-line value, or the contents of @FILE."""
+    if value.startswith("@"):
+        from pathlib import Path
+
+        return Path(value[1:]).read_text().strip()
+    return value.strip()
+
+
+def _keyprovider(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent import config, log
+    from agent.keyprovider.annotation import WrapType
+    from agent.keyprovider.owner import OwnerOptions, serve
+
+    log.configure(args.log_level)
+    options = OwnerOptions(
+        listen=config.parse_listen_address(args.listen, key="--listen"),
+        provider_name=args.provider_name,
+        kek_file=args.kek_file,
+        kid=args.kid,
+        kek_dir=args.kek_dir,
+        algorithm=WrapType(args.algorithm),
+        kbs_url=args.kbs_url,
+        kbs_cert=args.kbs_cert,
+        admin_key_file=args.admin_key,
+        admin_token_file=args.admin_token_file,
+        admin_claims=args.admin_claims,
+    )
+    return asyncio.run(serve(options))
+
+
+def _seal(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.secrets import sealed
+
+    if args.generate_key:
+        private_pem, public_jwk = sealed.generate_signing_key()
+        fd = os.open(f"{args.generate_key}.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(private_pem)
+        Path(f"{args.generate_key}.jwk").write_bytes(public_jwk)
+        print(f"wrote {args.generate_key}.pem (private, keep it safe) and {args.generate_key}.jwk (upload to the KBS)")
+        return EXIT_OK
+    if not (args.signing_key and args.kid and args.name):
+        _error("seal needs --signing-key, --kid and --name (or --generate-key PREFIX)")
+        return EXIT_USAGE
+    key = serialization.load_pem_private_key(Path(args.signing_key).read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        _error("--signing-key must be an EC P-256 private key")
+        return EXIT_USAGE
+    print(sealed.seal(sealed.VaultSecret(name=args.name, provider="kbs"), key, args.kid))
     return EXIT_OK
 
 
@@ -200,6 +328,8 @@ def _dev_kbs(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         token_minutes=args.token_minutes,
         session_minutes=args.session_minutes,
+        admin_public_key=Path(args.admin_public_key).read_bytes() if args.admin_public_key else None,
+        insecure_admin=args.insecure_admin,
     )
     import structlog
 
@@ -239,9 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "dev-kbs":
             return _dev_kbs(args)
+        if args.command == "keyprovider":
+            return _keyprovider(args)
+        if args.command == "seal":
+            return _seal(args)
         return _client(args)
     except ConfigError as exc:
         _error(str(exc))
+        return EXIT_USAGE
+    except (OSError, ValueError, TypeError) as exc:  # unreadable files, malformed keys given on the command line
+        _error(f"{type(exc).__name__}: {exc}")
         return EXIT_USAGE
     except _client_errors() as exc:
         return _report_client_error(exc)

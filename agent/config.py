@@ -17,6 +17,11 @@ Example (`cvm-agent serve --config agent.toml`):
     max_response_bytes = 16777216
     token_refresh_margin_s = 30.0
 
+    [data_hub]
+    kek_cache_s = 300.0                 # keep image-layer KEKs in memory this long; 0 disables the cache
+    skip_sealed_secret_verification = false   # INSECURE: accept unsigned sealed secrets
+    sealed_secret_key_dir = "/run/confidential-containers/cdh/sealed-secret"
+
     [log]
     level = "info"                      # debug, info, warning, error
     format = "auto"                     # auto (console on a TTY, JSON otherwise), json, console
@@ -39,6 +44,7 @@ __all__ = [
     "DEFAULT_SOCKET",
     "TEE_NAMES",
     "Config",
+    "DataHubConfig",
     "KbsConfig",
     "ListenAddress",
     "LogConfig",
@@ -123,6 +129,13 @@ class KbsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DataHubConfig:
+    kek_cache_s: float = 300.0
+    skip_sealed_secret_verification: bool = False
+    sealed_secret_key_dir: str = "/run/confidential-containers/cdh/sealed-secret"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -134,6 +147,7 @@ class Config:
     socket: ListenAddress = field(default_factory=lambda: ListenAddress(unix_path=DEFAULT_SOCKET))
     grpc_listen: tuple[ListenAddress, ...] = ()
     kbs: KbsConfig = field(default_factory=KbsConfig)
+    data_hub: DataHubConfig = field(default_factory=DataHubConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def with_overrides(
@@ -172,6 +186,11 @@ class Config:
                 "timeout_s": self.kbs.timeout_s,
                 "max_response_bytes": self.kbs.max_response_bytes,
                 "token_refresh_margin_s": self.kbs.token_refresh_margin_s,
+            },
+            "data_hub": {
+                "kek_cache_s": self.data_hub.kek_cache_s,
+                "skip_sealed_secret_verification": self.data_hub.skip_sealed_secret_verification,
+                "sealed_secret_key_dir": self.data_hub.sealed_secret_key_dir,
             },
             "log": {"level": self.log.level, "format": self.log.format},
         }
@@ -240,25 +259,7 @@ def _table(data: Mapping[str, Any], name: str, known: set[str]) -> Mapping[str, 
     return table
 
 
-def from_mapping(data: Mapping[str, Any]) -> Config:
-    """Build a validated Config from parsed TOML. Unknown keys are errors (typos must not pass silently)."""
-    top = {"tee", "socket", "grpc_listen", "kbs", "log"}
-    unknown = sorted(set(data) - top)
-    if unknown:
-        msg = f"`{unknown[0]}` is not a known key (known: {', '.join(sorted(top))})"
-        raise ConfigError(msg, key=unknown[0])
-    cfg = Config()
-    if "tee" in data:
-        cfg = replace(cfg, tee=_tee(data["tee"], "tee"))
-    if "socket" in data:
-        cfg = replace(cfg, socket=parse_listen_address(data["socket"], key="socket"))
-    if "grpc_listen" in data:
-        listen = data["grpc_listen"]
-        if not isinstance(listen, list):
-            msg = f"`grpc_listen` is {listen!r}, expected a list of loopback host:port strings"
-            raise ConfigError(msg, key="grpc_listen")
-        cfg = replace(cfg, grpc_listen=tuple(parse_listen_address(a, key="grpc_listen") for a in listen))
-
+def _kbs(data: Mapping[str, Any]) -> KbsConfig:
     kbs_known = {
         "url",
         "cert",
@@ -268,7 +269,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         "token_refresh_margin_s",
     }
     kbs = _table(data, "kbs", kbs_known)
-    k = cfg.kbs
+    k = KbsConfig()
     if "url" in kbs:
         k = replace(k, url=_kbs_url(kbs["url"], "kbs.url"))
     if "cert" in kbs:
@@ -288,7 +289,52 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     if "token_refresh_margin_s" in kbs:
         value_f = _number(kbs["token_refresh_margin_s"], "kbs.token_refresh_margin_s", low=0, high=3600)
         k = replace(k, token_refresh_margin_s=value_f)
-    cfg = replace(cfg, kbs=k)
+    return k
+
+
+def _data_hub(data: Mapping[str, Any]) -> DataHubConfig:
+    hub_known = {"kek_cache_s", "skip_sealed_secret_verification", "sealed_secret_key_dir"}
+    hub = _table(data, "data_hub", hub_known)
+    h = DataHubConfig()
+    if "kek_cache_s" in hub:
+        h = replace(h, kek_cache_s=_number(hub["kek_cache_s"], "data_hub.kek_cache_s", low=0, high=86400))
+    if "skip_sealed_secret_verification" in hub:
+        skip = hub["skip_sealed_secret_verification"]
+        if not isinstance(skip, bool):
+            msg = f"`data_hub.skip_sealed_secret_verification` is {skip!r}, expected true or false"
+            raise ConfigError(msg, key="data_hub.skip_sealed_secret_verification")
+        h = replace(h, skip_sealed_secret_verification=skip)
+    if "sealed_secret_key_dir" in hub:
+        key_dir = hub["sealed_secret_key_dir"]
+        if not isinstance(key_dir, str) or not key_dir.startswith("/"):
+            msg = f"`data_hub.sealed_secret_key_dir` is {key_dir!r}, expected an absolute path"
+            raise ConfigError(msg, key="data_hub.sealed_secret_key_dir")
+        h = replace(h, sealed_secret_key_dir=key_dir)
+    return h
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Build a validated Config from parsed TOML. Unknown keys are errors (typos must not pass silently)."""
+    top = {"tee", "socket", "grpc_listen", "kbs", "data_hub", "log"}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        msg = f"`{unknown[0]}` is not a known key (known: {', '.join(sorted(top))})"
+        raise ConfigError(msg, key=unknown[0])
+    cfg = Config()
+    if "tee" in data:
+        cfg = replace(cfg, tee=_tee(data["tee"], "tee"))
+    if "socket" in data:
+        cfg = replace(cfg, socket=parse_listen_address(data["socket"], key="socket"))
+    if "grpc_listen" in data:
+        listen = data["grpc_listen"]
+        if not isinstance(listen, list):
+            msg = f"`grpc_listen` is {listen!r}, expected a list of loopback host:port strings"
+            raise ConfigError(msg, key="grpc_listen")
+        cfg = replace(cfg, grpc_listen=tuple(parse_listen_address(a, key="grpc_listen") for a in listen))
+
+    cfg = replace(cfg, kbs=_kbs(data))
+
+    cfg = replace(cfg, data_hub=_data_hub(data))
 
     log = _table(data, "log", {"level", "format"})
     lg = cfg.log

@@ -59,7 +59,14 @@ async def run(config: Config) -> int:
             refresh_margin_s=config.kbs.token_refresh_margin_s,
         )
     aa = AttestationAgent(attester, kbs)
-    hub = DataHub(kbs)
+    hub = DataHub(
+        kbs,
+        kek_cache_s=config.data_hub.kek_cache_s,
+        skip_sealed_secret_verification=config.data_hub.skip_sealed_secret_verification,
+        sealed_secret_key_dir=config.data_hub.sealed_secret_key_dir,
+    )
+    if config.data_hub.skip_sealed_secret_verification:
+        log.warning("sealed_secret.verification_disabled", warning="INSECURE: sealed secrets are not verified")
     server = GrpcServer(build_methods(aa, hub), [config.socket, *config.grpc_listen])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,14 +6,19 @@ nothing here knows about either transport.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import re
+from pathlib import Path
 
 import structlog
 
 from agent.errors import ConfigError, InvalidRequest, NotSupported
 from agent.kbs.client import KbsClient
 from agent.kbs.resource import parse_resource_uri
+from agent.keyprovider.service import GuestKeyProvider
+from agent.secrets import sealed
 from agent.tee.base import Attester
 
 __all__ = ["AttestationAgent", "DataHub", "MeasurementResult"]
@@ -21,6 +26,8 @@ __all__ = ["AttestationAgent", "DataHub", "MeasurementResult"]
 log = structlog.get_logger("agent.service")
 
 MAX_RUNTIME_DATA = 64 * 1024
+MAX_SEALED_SECRET = 64 * 1024
+_LOCAL_KID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 TOKEN_TYPES = ("kbs", "coco_as")
 
 
@@ -95,10 +102,20 @@ class AttestationAgent:
 
 
 class DataHub:
-    """The confidential data hub: resources from the KBS (sealed secrets and image keys build on it)."""
+    """The confidential data hub: KBS resources, sealed secrets, image-layer key unwrapping."""
 
-    def __init__(self, kbs: KbsClient | None) -> None:
+    def __init__(
+        self,
+        kbs: KbsClient | None,
+        *,
+        kek_cache_s: float = 300.0,
+        skip_sealed_secret_verification: bool = False,
+        sealed_secret_key_dir: str = "/run/confidential-containers/cdh/sealed-secret",
+    ) -> None:
         self._kbs = kbs
+        self._skip_verification = skip_sealed_secret_verification
+        self._key_dir = Path(sealed_secret_key_dir)
+        self.keyprovider = GuestKeyProvider(self.get_resource, cache_s=kek_cache_s)
 
     async def get_resource(self, resource_path: str) -> bytes:
         """Raw resource bytes for `kbs:///repo/type/tag` (the URI's host part is ignored)."""
@@ -107,3 +124,42 @@ class DataHub:
             msg = "no KBS is configured: set `kbs.url` in the config or pass --kbs-url"
             raise ConfigError(msg, key="kbs.url")
         return await self._kbs.get_resource(uri)
+
+    async def unwrap_key(self, request: bytes) -> bytes:
+        """ocicrypt `keyunwrap`: the layer options, after fetching the packet's KEK through attestation."""
+        return await self.keyprovider.unwrap_key(request)
+
+    async def unseal_secret(self, secret: bytes) -> bytes:
+        """Verify a sealed secret (ES256 JWS) and resolve it: `vault` secrets are KBS resources."""
+        if len(secret) > MAX_SEALED_SECRET:
+            msg = f"sealed secret is {len(secret)} bytes, expected at most {MAX_SEALED_SECRET}"
+            raise InvalidRequest(msg)
+        if self._skip_verification:
+            log.warning("sealed_secret.unverified", warning="signature verification is disabled (insecure)")
+            payload = sealed.parse_unverified(secret)
+        else:
+            parsed = sealed.parse(secret)
+            payload = sealed.verify(parsed, await self._verification_key(parsed.kid))
+        if isinstance(payload, sealed.EnvelopeSecret):
+            msg = (
+                f"envelope sealed secrets need the {payload.provider!r} KMS, which cvm-agent does not support; "
+                "use a vault secret backed by the KBS"
+            )
+            raise NotSupported(msg)
+        if payload.provider != "kbs":
+            msg = f"vault sealed secrets from provider {payload.provider!r} are not supported, expected 'kbs'"
+            raise NotSupported(msg)
+        return await self.get_resource(payload.name)
+
+    async def _verification_key(self, kid: str) -> bytes:
+        if sealed.kid_is_resource_uri(kid):
+            return await self.get_resource(kid)
+        if not _LOCAL_KID.fullmatch(kid):
+            msg = "sealed secret `kid` is neither a resource URI nor a plain key name"
+            raise InvalidRequest(msg)
+        path = self._key_dir / kid
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            msg = f"sealed secret verification key {kid!r} cannot be read from {self._key_dir}: {exc.strerror}"
+            raise InvalidRequest(msg) from exc

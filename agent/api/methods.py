@@ -20,7 +20,15 @@ from agent.api._gen import api_pb2, attestation_agent_pb2, keyprovider_pb2
 from agent.api.status import RpcError, StatusCode
 from agent.service import AttestationAgent, DataHub
 
-__all__ = ["AA_SERVICE", "CDH_SERVICES", "KEYPROVIDER_SERVICE", "Method", "build_methods", "status_for"]
+__all__ = [
+    "AA_SERVICE",
+    "CDH_SERVICES",
+    "KEYPROVIDER_SERVICE",
+    "Method",
+    "build_methods",
+    "keyprovider_methods",
+    "status_for",
+]
 
 log = structlog.get_logger("agent.rpc")
 
@@ -150,9 +158,8 @@ def _cdh_methods(hub: DataHub) -> list[Method]:
     async def get_resource(req: api_pb2.GetResourceRequest) -> Message:
         return api_pb2.GetResourceResponse(Resource=await hub.get_resource(req.ResourcePath))
 
-    async def unseal_secret(_req: api_pb2.UnsealSecretInput) -> Message:
-        msg = "UnsealSecret is not supported yet by this agent"
-        raise errors.NotSupported(msg)
+    async def unseal_secret(req: api_pb2.UnsealSecretInput) -> Message:
+        return api_pb2.UnsealSecretOutput(plaintext=await hub.unseal_secret(req.secret))
 
     async def secure_mount(_req: api_pb2.SecureMountRequest) -> Message:
         msg = "SecureMount is not supported by cvm-agent"
@@ -170,20 +177,32 @@ def _cdh_methods(hub: DataHub) -> list[Method]:
     ]
 
 
-def _keyprovider_methods() -> list[Method]:
+KeyProviderHandler = Callable[[bytes], Awaitable[bytes]]
+
+
+def keyprovider_methods(*, wrap: KeyProviderHandler | None, unwrap: KeyProviderHandler | None) -> list[Method]:
+    """WrapKey / UnWrapKey; a side that is not served answers UNIMPLEMENTED with the reason."""
     pb = keyprovider_pb2
 
-    async def wrap(_req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
-        msg = "WrapKey is not served inside the guest; use `cvm-agent keyprovider` on the image owner's side"
-        raise errors.NotSupported(msg)
+    async def wrap_key(req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
+        if wrap is None:
+            msg = "WrapKey is not served inside the guest; use `cvm-agent keyprovider` on the image owner's side"
+            raise errors.NotSupported(msg)
+        return pb.KeyProviderKeyWrapProtocolOutput(
+            KeyProviderKeyWrapProtocolOutput=await wrap(req.KeyProviderKeyWrapProtocolInput)
+        )
 
-    async def unwrap(_req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
-        msg = "UnWrapKey is not supported yet by this agent"
-        raise errors.NotSupported(msg)
+    async def unwrap_key(req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
+        if unwrap is None:
+            msg = "UnWrapKey is not served by the image-owner provider; layers are unwrapped in the guest"
+            raise errors.NotSupported(msg)
+        return pb.KeyProviderKeyWrapProtocolOutput(
+            KeyProviderKeyWrapProtocolOutput=await unwrap(req.KeyProviderKeyWrapProtocolInput)
+        )
 
     return [
-        Method(KEYPROVIDER_SERVICE, "WrapKey", pb.KeyProviderKeyWrapProtocolInput, wrap),
-        Method(KEYPROVIDER_SERVICE, "UnWrapKey", pb.KeyProviderKeyWrapProtocolInput, unwrap),
+        Method(KEYPROVIDER_SERVICE, "WrapKey", pb.KeyProviderKeyWrapProtocolInput, wrap_key),
+        Method(KEYPROVIDER_SERVICE, "UnWrapKey", pb.KeyProviderKeyWrapProtocolInput, unwrap_key),
     ]
 
 
@@ -193,5 +212,5 @@ def build_methods(aa: AttestationAgent | None, hub: DataHub | None) -> list[Meth
     if aa is not None:
         methods += _aa_methods(aa)
     if hub is not None:
-        methods += _cdh_methods(hub) + _keyprovider_methods()
+        methods += _cdh_methods(hub) + keyprovider_methods(wrap=None, unwrap=hub.unwrap_key)
     return methods

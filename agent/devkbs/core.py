@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from agent.kbs import jwe
@@ -122,8 +122,12 @@ class DevKbsCore:
         token_minutes: float = 5.0,
         clock: Callable[[], float] = time.time,
         verifiers: Mapping[str, Verifier] | None = None,
+        admin_public_key: bytes | None = None,
+        insecure_admin: bool = False,
     ) -> None:
         self.resources = resources
+        self.admin_key = serialization.load_pem_public_key(admin_public_key) if admin_public_key else None
+        self.insecure_admin = insecure_admin
         self.session_s = session_minutes * 60
         self.token_s = token_minutes * 60
         self.clock = clock
@@ -209,6 +213,8 @@ class DevKbsCore:
             return self._attest(headers, body)
         if name == "resource" and method == "GET":
             return self._resource(headers, parts[1:], query)
+        if name == "resource" and method == "POST":
+            return self._set_resource(headers, parts[1:], body)
         return _error(404, "PluginNotFound", f"Plugin {name} not found")
 
     def _reject_attest(self) -> Response:
@@ -339,3 +345,51 @@ class DevKbsCore:
         with self._lock:
             self.counters["resource"] += 1
         return Response(200, encrypted, {"Content-Type": "application/json"})
+
+    # -- admin ------------------------------------------------------------------------------------------------
+
+    def _admin_allowed(self, headers: Mapping[str, str]) -> bool:
+        """Trustee-style admin check: a bearer JWT signed by the admin key, not expired (EdDSA, ES256, RS256)."""
+        if self.insecure_admin:
+            return True
+        auth = headers.get("authorization", "")
+        if self.admin_key is None or not auth.startswith("Bearer "):
+            return False
+        try:
+            head, body, sig = auth[len("Bearer ") :].strip().split(".")
+            header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            signature = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+            signed = f"{head}.{body}".encode()
+            key, alg = self.admin_key, header.get("alg")
+            if alg == "EdDSA" and isinstance(key, ed25519.Ed25519PublicKey):
+                key.verify(signature, signed)
+            elif alg == "ES256" and isinstance(key, ec.EllipticCurvePublicKey) and len(signature) == 64:
+                der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+                key.verify(der, signed, ec.ECDSA(hashes.SHA256()))
+            elif alg == "RS256" and isinstance(key, rsa.RSAPublicKey):
+                key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
+            else:
+                return False
+        except (ValueError, InvalidSignature, UnicodeError):
+            return False
+        return isinstance(claims, dict) and isinstance(claims.get("exp"), int) and claims["exp"] > self.clock()
+
+    def _set_resource(self, headers: Mapping[str, str], segments: list[str], body: bytes) -> Response:
+        if not self._admin_allowed(headers):
+            return _error(
+                401,
+                "AdminAuthInitialization",
+                "failed to initialize [admin] configuration: Admin access denied: invalid or missing admin token",
+            )
+        if len(segments) != 3 or not all(_SEGMENT.fullmatch(s) for s in segments):
+            return _error(401, "PluginInternalError", "Plugin internal error")
+        folder = self.resources.joinpath(*segments[:2])
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{segments[2]}.{secrets.token_hex(4)}.tmp"
+        tmp.touch(mode=0o600)
+        tmp.write_bytes(body)
+        tmp.replace(folder / segments[2])
+        with self._lock:
+            self.counters["registered"] = self.counters.get("registered", 0) + 1
+        return Response(200, b"", {})

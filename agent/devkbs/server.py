@@ -75,8 +75,16 @@ class DevKbsServer:
         tls_key: str | None = None,
         session_minutes: float = 5.0,
         token_minutes: float = 5.0,
+        admin_public_key: bytes | None = None,
+        insecure_admin: bool = False,
     ) -> None:
-        self.core = DevKbsCore(resources, session_minutes=session_minutes, token_minutes=token_minutes)
+        self.core = DevKbsCore(
+            resources,
+            session_minutes=session_minutes,
+            token_minutes=token_minutes,
+            admin_public_key=admin_public_key,
+            insecure_admin=insecure_admin,
+        )
         self._server = _Server((host, port), self.core)
         self.scheme = "http"
         if tls_cert is not None:

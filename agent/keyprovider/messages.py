@@ -28,6 +28,7 @@ included (a JWE `privkeys` entry is a private key), so requests keep them out of
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ __all__ = [
     "parse_request",
     "wrap_reply",
     "unwrap_reply",
+    "unwrap_request",
+    "parse_reply",
     "MAX_REQUEST_SIZE",
     "OP_WRAP",
     "OP_UNWRAP",
@@ -130,6 +133,30 @@ def unwrap_reply(optsdata: bytes) -> bytes:
         msg = "empty optsdata means 'no key' to ocicrypt; refuse to send it"
         raise ValueError(msg)
     return _dump({"keyunwrapresults": {"optsdata": list(optsdata)}})
+
+
+def unwrap_request(annotation: bytes) -> bytes:
+    """A `keyunwrap` request shaped as ocicrypt-rs sends it (for `cvm-agent unwrap` and tests)."""
+    return _dump(
+        {
+            "op": OP_UNWRAP,
+            "keywrapparams": {"ec": None, "optsdata": None},
+            "keyunwrapparams": {"dc": None, "annotation": base64.b64encode(annotation).decode("ascii")},
+        }
+    )
+
+
+def parse_reply(data: bytes) -> bytes:
+    """The bytes in a wrap or unwrap reply (integer-list or base64 form), for clients of the protocol."""
+    obj = _load_json_object(data, "key-provider reply")
+    for block, key in (("keywrapresults", "annotation"), ("keyunwrapresults", "optsdata")):
+        inner = obj.get(block)
+        if isinstance(inner, dict):
+            value = _bytes_member(inner, key, f"{block}.{key}")
+            if value:
+                return value
+    msg = "key-provider reply carries neither keywrapresults.annotation nor keyunwrapresults.optsdata"
+    raise InvalidRequest(msg)
 
 
 # --- helpers --------------------------------------------------------------------------------------------

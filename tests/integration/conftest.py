@@ -64,11 +64,17 @@ class RunningAgent:
 
 
 async def start_agent(
-    socket: str, kbs_url: str, *, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256, **kbs_options: Any
+    socket: str,
+    kbs_url: str,
+    *,
+    algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
+    hub_options: dict[str, Any] | None = None,
+    **kbs_options: Any,
 ) -> RunningAgent:
     attester = SampleAttester()
     kbs = KbsClient(url=kbs_url, attester=attester, key_algorithm=algorithm, **kbs_options)
-    server = GrpcServer(build_methods(AttestationAgent(attester, kbs), DataHub(kbs)), [ListenAddress(unix_path=socket)])
+    hub = DataHub(kbs, **(hub_options or {}))
+    server = GrpcServer(build_methods(AttestationAgent(attester, kbs), hub), [ListenAddress(unix_path=socket)])
     await server.start()
     return RunningAgent(socket, kbs, server, grpc.aio.insecure_channel(f"unix:{socket}"))
 

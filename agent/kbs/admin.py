@@ -1,0 +1,96 @@
+"""KBS admin API: register a resource (an image KEK) with a bearer JWT. Edge (network) + token minting.
+
+Trustee's resource admin endpoint is `POST /kbs/v0/resource/<repo>/<type>/<tag>` with the raw bytes as
+`application/octet-stream` and `Authorization: Bearer <admin JWT>`. How Trustee verifies the JWT depends on its
+`[admin]` configuration (a PEM public key in older releases; identity providers with issuer, audience and a
+`role` claim at HEAD), so the token is either minted here from the admin private key, with any extra claims the
+deployment needs, or supplied ready-made.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from agent.errors import KbsTransportError
+from agent.kbs import protocol
+from agent.kbs.client import build_ssl_context
+from agent.kbs.resource import parse_resource_uri
+
+__all__ = ["mint_admin_token", "register_resource"]
+
+ADMIN_TOKEN_LIFETIME_S = 2 * 3600
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def mint_admin_token(
+    private_key_pem: bytes, *, extra_claims: dict[str, Any] | None = None, now: float | None = None
+) -> str:
+    """A compact JWT (`EdDSA` for Ed25519, `ES256` for P-256, `RS256` for RSA) valid for two hours."""
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    issued = int(time.time() if now is None else now)
+    claims = {"iat": issued, "exp": issued + ADMIN_TOKEN_LIFETIME_S, **(extra_claims or {})}
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        alg = "EdDSA"
+    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        alg = "ES256"
+    elif isinstance(key, rsa.RSAPrivateKey):
+        alg = "RS256"
+    else:
+        msg = "the admin key must be Ed25519, EC P-256 or RSA"
+        raise TypeError(msg)
+    head = _b64url(json.dumps({"alg": alg, "typ": "JWT"}, separators=(",", ":")).encode())
+    body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{head}.{body}".encode()
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        signature = key.sign(signing_input)
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    else:
+        signature = key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    return f"{head}.{body}.{_b64url(signature)}"
+
+
+async def register_resource(
+    url: str,
+    kid: str,
+    data: bytes,
+    *,
+    token: str,
+    cert_path: str | None = None,
+    timeout_s: float = 30.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> None:
+    """Store `data` at the KBS resource `kid`.
+
+    Raises:
+        AttestationRejected: the KBS refused (its `type` and `detail` are in the message).
+        KbsTransportError: the KBS could not be reached.
+    """
+    uri = parse_resource_uri(kid)
+    verify: Any = build_ssl_context(cert_path) if url.startswith("https://") else False
+    async with httpx.AsyncClient(
+        transport=transport, verify=verify, trust_env=False, timeout=httpx.Timeout(timeout_s)
+    ) as client:
+        try:
+            response = await client.post(
+                url.rstrip("/") + f"/kbs/v0/resource/{uri.path}",
+                content=data,
+                headers={"Content-Type": "application/octet-stream", "Authorization": f"Bearer {token}"},
+            )
+        except httpx.HTTPError as exc:
+            msg = f"KBS at {url} is unreachable for resource registration: {type(exc).__name__}"
+            raise KbsTransportError(msg) from exc
+    if response.status_code // 100 != 2:
+        raise protocol.error_from_response(response.status_code, response.content[:4096], step=f"register {uri.path}")
