@@ -16,6 +16,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from agent.api._gen import keyprovider_pb2 as kp
 
 DEMO_SECRET = b"demo secret: released only after attestation"
 
@@ -48,6 +55,78 @@ def stop(process: subprocess.Popen[bytes], name: str) -> None:
     print(f"    {name} stopped (exit {process.returncode})")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def image_layer_key(root: Path, kbs_url: str, agent_socket: str) -> None:
+    """The image owner wraps a layer key (as skopeo's ocicrypt would ask); the agent unwraps it after attestation."""
+    step("cvm-agent keyprovider: the image owner's wrap-only provider, registering KEKs with the KBS")
+    port = free_port()
+    owner = subprocess.Popen(
+        cvm_agent(
+            "keyprovider",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--kbs-url",
+            kbs_url,
+            "--admin-key",
+            str(root / "admin.pem"),
+            "--log-level",
+            "warning",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=(root / "keyprovider.log").open("wb"),
+    )
+    try:
+        assert owner.stdout is not None
+        print("    " + owner.stdout.readline().decode().strip())
+        layer_options = json.dumps(
+            {"symkey": base64.b64encode(os.urandom(32)).decode(), "digest": "", "cipheroptions": {"nonce": "AAAA"}}
+        ).encode()
+        request = json.dumps(
+            {
+                "op": "keywrap",
+                "keywrapparams": {
+                    "ec": {
+                        "Parameters": {
+                            "attestation-agent": [base64.b64encode(b"keyid=kbs:///default/image-kek/demo").decode()]
+                        },
+                        "DecryptConfig": {"Parameters": {}},
+                    },
+                    "optsdata": base64.b64encode(layer_options).decode(),
+                },
+                "keyunwrapparams": {"dc": None, "annotation": None},
+            }
+        ).encode()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wrap: Any = channel.unary_unary(
+                "/keyprovider.KeyProviderService/WrapKey",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=kp.KeyProviderKeyWrapProtocolOutput.FromString,
+            )
+            reply = wrap(kp.KeyProviderKeyWrapProtocolInput(KeyProviderKeyWrapProtocolInput=request), timeout=30)
+        packet = bytes(json.loads(reply.KeyProviderKeyWrapProtocolOutput)["keywrapresults"]["annotation"])
+        print(f"    WrapKey (as skopeo sends it) -> annotation packet: {packet.decode()}")
+        annotation = base64.b64encode(packet).decode()
+        print(
+            f"    layer annotation org.opencontainers.image.enc.keys.provider.attestation-agent = {annotation[:48]}..."
+        )
+
+        step("cvm-agent unwrap <annotation>  (the agent fetches the KEK through attestation and unwraps)")
+        unwrapped = run("unwrap", annotation, "--socket", agent_socket).strip()
+        print(f"    unwrapped layer options: {unwrapped.decode()[:60]}...")
+        if unwrapped != layer_options:
+            msg = "the unwrapped layer options differ from the wrapped ones"
+            raise SystemExit(msg)
+        print("    layer key round trip OK")
+    finally:
+        stop(owner, "keyprovider")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cvm-agent-demo-") as tmp:
         root = Path(tmp)
@@ -56,9 +135,29 @@ def main() -> int:
         (secret_dir / "secret").write_bytes(DEMO_SECRET)
         agent_socket = str(root / "run" / "agent.sock")
 
+        admin_key = ed25519.Ed25519PrivateKey.generate()
+        (root / "admin.pem").write_bytes(
+            admin_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        (root / "admin.pub").write_bytes(
+            admin_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
         step("starting the development KBS (loopback, random port)")
         kbs = subprocess.Popen(
-            cvm_agent("dev-kbs", "--resources", str(root / "resources"), "--port", "0"),
+            cvm_agent(
+                "dev-kbs",
+                "--resources",
+                str(root / "resources"),
+                "--port",
+                "0",
+                "--admin-public-key",
+                str(root / "admin.pub"),
+            ),
             stdout=subprocess.PIPE,
             stderr=(root / "kbs.log").open("wb"),
         )
@@ -108,6 +207,8 @@ def main() -> int:
                 raise SystemExit(msg)
             kbs_log = (root / "kbs.log").read_text()
             print(f"    KBS requests: {kbs_log.count('devkbs.request')} (auth, attest, resource)")
+
+            image_layer_key(root, kbs_url, agent_socket)
         finally:
             step("stopping")
             if agent is not None:
