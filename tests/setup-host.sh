@@ -4,6 +4,9 @@
 set -euo pipefail
 need=()
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+# tests/fakes/tsmfs.py (mfusepy) loads libfuse3 with ctypes; fusermount3 unmounts a mount whose server died.
+ldconfig -p 2>/dev/null | grep 'libfuse3\.so\.3 ' >/dev/null || need+=(libfuse3-3)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup-host: missing ${need[*]}; install them (needs root)" >&2
