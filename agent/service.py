@@ -76,7 +76,7 @@ class AttestationAgent:
             msg = "the coco_as token type is not supported by this agent; use `kbs`"
             raise NotSupported(msg)
         kbs = self._require_kbs()
-        session = await kbs.session()
+        session = await kbs.fresh_session()
         payload = {"token": session.token.raw, "tee_keypair": session.keypair.private_pem().decode("ascii")}
         return json.dumps(payload, separators=(",", ":")).encode()
 

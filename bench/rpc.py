@@ -71,7 +71,7 @@ async def run(rounds: int) -> dict[str, float]:
                 warm = await median_ms(lambda: resource(request), rounds)
 
                 async def cold() -> None:
-                    client._session = None  # benchmark forces a fresh handshake
+                    await client.fresh_session()  # a full handshake, then the fetch on the new session
                     await resource(request)
 
                 cold_ms = await median_ms(cold, max(5, rounds // 10))

@@ -50,6 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+from agent.api.sockets import prepare_socket_path
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc_frame import (
     MAX_DATA,
@@ -178,7 +179,7 @@ class TtrpcServer:
 
         Raises:
             RuntimeError: the server was already started.
-            FileExistsError: `path` exists and is not a socket (it is never removed).
+            ConfigError: `path` exists and is not a socket (it is never removed), or another process listens there.
             OSError: the directory or socket cannot be created.
         """
         if self._state is not _State.NEW:
@@ -312,19 +313,7 @@ def _code_of(raw: int) -> StatusCode:
 
 def _bind_unix_socket(path: str, mode: int) -> tuple[socket.socket, tuple[int, int]]:
     """Bind a listening socket at `path`; returns it with the socket file's (st_dev, st_ino)."""
-    parent = Path(path).parent
-    if not parent.exists():
-        parent.mkdir(mode=0o700, parents=True)
-        parent.chmod(0o700)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            msg = f"{path} exists and is not a socket; refusing to replace it"
-            raise FileExistsError(msg)
-        Path(path).unlink()
+    prepare_socket_path(path)  # the same stale-socket rules as the gRPC server
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Linux gives the socket file the mode of the unbound socket's inode (masked by the umask), so

@@ -32,9 +32,10 @@ from agent.errors import (
 from agent.kbs import protocol
 from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt
 from agent.kbs.resource import ResourceUri
+from agent.shared import SharedValue
 from agent.tee.base import Attester
 
-__all__ = ["AttestedSession", "KbsClient", "build_ssl_context"]
+__all__ = ["AttestedSession", "KbsClient", "KbsHttp", "build_ssl_context"]
 
 log = structlog.get_logger("agent.kbs")
 
@@ -55,50 +56,44 @@ class AttestedSession:
         return f"AttestedSession(exp={self.token.exp})"
 
 
-def build_ssl_context(cert_path: str | None) -> ssl.SSLContext:
-    """System roots plus an optional extra CA certificate (PEM file), as the reference `kbs_cert`."""
+def build_ssl_context(cert_path: str | None, cert_pem: str | None = None) -> ssl.SSLContext:
+    """System roots plus an optional extra CA certificate (PEM file, or PEM text as the reference `cert`)."""
     context = ssl.create_default_context()
-    if cert_path is not None:
-        try:
+    try:
+        if cert_path is not None:
             context.load_verify_locations(cafile=cert_path)
-        except (OSError, ssl.SSLError) as exc:
-            msg = f"KBS certificate {cert_path!r} cannot be loaded: {exc}"
-            raise KbsError(msg) from exc
+        if cert_pem is not None:
+            context.load_verify_locations(cadata=cert_pem)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        msg = f"KBS certificate {cert_path or '(inline PEM)'!r} cannot be loaded: {exc}"
+        raise KbsError(msg) from exc
     return context
 
 
-class KbsClient:
-    """RCAR 0.4.0 client bound to one attester."""
+class KbsHttp:
+    """HTTP to one KBS: bounded bodies, explicit timeouts, bounded retries of connection failures only.
+
+    Shared by the background-check client (`KbsClient`) and the passport-mode client.
+    """
 
     def __init__(
         self,
-        *,
         url: str,
-        attester: Attester,
-        key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
+        *,
         cert_path: str | None = None,
+        cert_pem: str | None = None,
         timeout_s: float = 60.0,
         max_response_bytes: int = 16 * 1024 * 1024,
-        refresh_margin_s: float = 30.0,
         attempts: int = 3,
-        init_data_toml: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self._url = url.rstrip("/")
-        self._attester = attester
-        self._key_algorithm = key_algorithm
+        self.url = url.rstrip("/")
         self._max_bytes = max_response_bytes
-        self._margin = refresh_margin_s
         self._attempts = max(1, attempts)
-        self._init_data = init_data_toml
-        self._clock = clock
         self._sleep = sleep
-        self._session: AttestedSession | None = None
-        self._inflight: asyncio.Future[AttestedSession] | None = None
-        self.handshakes = 0
-        verify: ssl.SSLContext | bool = build_ssl_context(cert_path) if url.startswith("https://") else False
+        https = url.startswith("https://")
+        verify: ssl.SSLContext | bool = build_ssl_context(cert_path, cert_pem) if https else False
         self._http = httpx.AsyncClient(
             transport=transport,
             verify=verify,
@@ -110,25 +105,17 @@ class KbsClient:
             limits=httpx.Limits(keepalive_expiry=4.0),
         )
 
-    async def __aenter__(self) -> KbsClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    # -- HTTP edge ---------------------------------------------------------------------------------------------
-
-    async def _exchange(
+    async def exchange(
         self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes, httpx.Headers]:
         """One HTTP exchange with bounded body, retried on connection-level failures only."""
         request_headers = dict(headers or {})
         if body is not None:
             request_headers["Content-Type"] = "application/json"
-        url = self._url + path
+        url = self.url + path
         for attempt in range(1, self._attempts + 1):
             started = time.monotonic()
             try:
@@ -154,7 +141,7 @@ class KbsClient:
             except _RETRYABLE as exc:
                 log.warning("kbs.exchange.failed", method=method, path=path, attempt=attempt, error=type(exc).__name__)
                 if attempt == self._attempts:
-                    msg = f"KBS at {self._url} is unreachable: {type(exc).__name__}: {exc}"
+                    msg = f"KBS at {self.url} is unreachable: {type(exc).__name__}: {exc}"
                     raise KbsTransportError(msg) from exc
                 await self._sleep(min(0.2 * 2**attempt, 2.0))
             except httpx.TimeoutException as exc:
@@ -166,13 +153,59 @@ class KbsClient:
         msg = "unreachable"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
 
+
+class KbsClient:
+    """RCAR 0.4.0 client bound to one attester."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        attester: Attester,
+        key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
+        cert_path: str | None = None,
+        cert_pem: str | None = None,
+        timeout_s: float = 60.0,
+        max_response_bytes: int = 16 * 1024 * 1024,
+        refresh_margin_s: float = 30.0,
+        attempts: int = 3,
+        init_data_toml: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._attester = attester
+        self._key_algorithm = key_algorithm
+        self._margin = refresh_margin_s
+        self._init_data = init_data_toml
+        self._clock = clock
+        self._sessions: SharedValue[AttestedSession] = SharedValue(self._handshake, self._usable)
+        self.http = KbsHttp(
+            url,
+            cert_path=cert_path,
+            cert_pem=cert_pem,
+            timeout_s=timeout_s,
+            max_response_bytes=max_response_bytes,
+            attempts=attempts,
+            transport=transport,
+            sleep=sleep,
+        )
+
+    async def __aenter__(self) -> KbsClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
     # -- RCAR --------------------------------------------------------------------------------------------------
 
     async def _handshake(self) -> AttestedSession:
-        self.handshakes += 1
         keypair = await asyncio.to_thread(TeeKeyPair.generate, self._key_algorithm)
         tee_pubkey = keypair.public_jwk()
-        status, body, headers = await self._exchange(
+        status, body, headers = await self.http.exchange(
             "POST", "/kbs/v0/auth", body=protocol.request_body(self._attester.tee)
         )
         if status != 200:
@@ -194,7 +227,7 @@ class KbsClient:
             evidence=json.loads(evidence_bytes),
             init_data_toml=self._init_data,
         )
-        status, body, _ = await self._exchange(
+        status, body, _ = await self.http.exchange(
             "POST", "/kbs/v0/attest", body=attestation, headers={"Cookie": f"kbs-session-id={cookie}"}
         )
         if status != 200:
@@ -209,9 +242,7 @@ class KbsClient:
             return ResourceNotFound(str(protocol.error_from_response(status, body, step=step)))
         return protocol.error_from_response(status, body, step=step)
 
-    def _usable(self, session: AttestedSession | None) -> bool:
-        if session is None:
-            return False
+    def _usable(self, session: AttestedSession) -> bool:
         now = self._clock()
         exp, nbf = session.token.exp, session.token.nbf
         if exp is not None and now >= exp - self._margin:
@@ -224,22 +255,19 @@ class KbsClient:
         `stale` names a session the caller found rejected (401): it is replaced unless someone already did.
         Callers that arrive while a handshake runs share its result, including its failure.
         """
-        current = self._session
-        if current is not None and current is not stale and self._usable(current):
-            return current
-        if self._inflight is None:
-            self._session = None
-            self._inflight = asyncio.ensure_future(self._handshake_and_store())
-            # the outcome is always retrieved, even if every waiter was cancelled
-            self._inflight.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return await asyncio.shield(self._inflight)
+        return await self._sessions.get(stale=stale)
 
-    async def _handshake_and_store(self) -> AttestedSession:
-        try:
-            self._session = await self._handshake()
-            return self._session
-        finally:
-            self._inflight = None
+    async def fresh_session(self) -> AttestedSession:
+        """A session from a handshake that starts now (or is already in flight): never a cached one.
+
+        GetToken callers (the data hub in passport mode) cache the token themselves and ask again only when it
+        expired or the KBS rejected it, so handing out the cached session could hand back the rejected token.
+        """
+        return await self._sessions.get(stale=self._sessions.value)
+
+    @property
+    def handshakes(self) -> int:
+        return self._sessions.refreshes
 
     async def get_resource(self, uri: ResourceUri) -> bytes:
         """Fetch and decrypt a resource; one fresh handshake and retry on 401."""
@@ -248,7 +276,7 @@ class KbsClient:
             headers = {"Authorization": f"Bearer {session.token.raw}"}
             if session.cookie:
                 headers["Cookie"] = f"kbs-session-id={session.cookie}"
-            status, body, _ = await self._exchange("GET", uri.kbs_path(), headers=headers)
+            status, body, _ = await self.http.exchange("GET", uri.kbs_path(), headers=headers)
             if status == 200:
                 return await asyncio.to_thread(decrypt, session.keypair, body)
             if status == 401 and retry:

@@ -31,6 +31,7 @@ from agent.api.ttrpc_frame import (
     RpcResponse,
     encode_frame,
 )
+from agent.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
@@ -435,7 +436,7 @@ class TestSocket:
     async def test_regular_file_is_not_replaced(self, rec: Recorder, tmp_path: Path) -> None:
         path = tmp_path / "file.sock"
         path.write_text("keep")
-        with pytest.raises(FileExistsError, match="exists and is not a socket"):
+        with pytest.raises(ConfigError, match="exists and is not a socket"):
             await rec.server().start(str(path))
         assert path.read_text() == "keep"
 
