@@ -11,17 +11,18 @@ import enum
 import json
 import re
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
 from agent.errors import ConfigError, InvalidRequest, NotSupported
 from agent.kbs.client import KbsClient
-from agent.kbs.resource import parse_resource_uri
+from agent.kbs.resource import ResourceUri, parse_resource_uri
 from agent.keyprovider.service import GuestKeyProvider
 from agent.secrets import sealed
 from agent.tee.base import Attester
 
-__all__ = ["AttestationAgent", "DataHub", "MeasurementResult"]
+__all__ = ["AttestationAgent", "DataHub", "MeasurementResult", "ResourceBackend"]
 
 log = structlog.get_logger("agent.service")
 
@@ -42,9 +43,15 @@ class MeasurementResult(enum.IntEnum):
 class AttestationAgent:
     """The attestation agent: evidence, tokens, runtime measurement, initdata binding."""
 
-    def __init__(self, attester: Attester, kbs: KbsClient | None) -> None:
+    def __init__(self, attester: Attester, kbs: KbsClient | None, *, ready: asyncio.Event | None = None) -> None:
         self._attester = attester
         self._kbs = kbs
+        self._ready = ready
+
+    async def _wait_ready(self) -> None:
+        """Calls that use the TEE or the KBS wait until start-up checks (initdata binding) have passed."""
+        if self._ready is not None:
+            await self._ready.wait()
 
     @property
     def tee(self) -> str:
@@ -58,6 +65,7 @@ class AttestationAgent:
         if len(runtime_data) > MAX_RUNTIME_DATA:
             msg = f"runtime data is {len(runtime_data)} bytes, expected at most {MAX_RUNTIME_DATA}"
             raise InvalidRequest(msg)
+        await self._wait_ready()
         return await self._attester.get_evidence(runtime_data)
 
     async def get_additional_evidence(self, runtime_data: bytes) -> bytes:
@@ -76,6 +84,7 @@ class AttestationAgent:
             msg = "the coco_as token type is not supported by this agent; use `kbs`"
             raise NotSupported(msg)
         kbs = self._require_kbs()
+        await self._wait_ready()
         session = await kbs.fresh_session()
         payload = {"token": session.token.raw, "tee_keypair": session.keypair.private_pem().decode("ascii")}
         return json.dumps(payload, separators=(",", ":")).encode()
@@ -101,12 +110,18 @@ class AttestationAgent:
         return self._kbs
 
 
+class ResourceBackend(Protocol):
+    """Where resources come from: the attested KBS session, passport-mode tokens, or offline files."""
+
+    async def get_resource(self, uri: ResourceUri) -> bytes: ...
+
+
 class DataHub:
     """The confidential data hub: KBS resources, sealed secrets, image-layer key unwrapping."""
 
     def __init__(
         self,
-        kbs: KbsClient | None,
+        kbs: ResourceBackend | None,
         *,
         kek_cache_s: float = 300.0,
         skip_sealed_secret_verification: bool = False,

@@ -1,0 +1,69 @@
+"""Shared start-up pieces of the reference-compatible binaries. Edge (env, files, signals)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import structlog
+
+from agent import log as agent_log
+from agent.compat.refconfig import KbcParams, cmdline_value, parse_kbc_params
+from agent.errors import ConfigError
+
+__all__ = ["configure_logging", "discover_kbc", "read_kernel_cmdline", "wait_for_stop"]
+
+log = structlog.get_logger("agent.compat")
+
+DEFAULT_CMDLINE = "/proc/cmdline"
+_RUST_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "error": "error", "off": "error"}
+
+
+def configure_logging(config_level: str | None, flag_level: str | None) -> None:
+    """`--log-level` wins, then `RUST_LOG` (as the reference), then the config's `[log] level`, then info."""
+    level = flag_level
+    if level is None and os.environ.get("RUST_LOG"):
+        first = os.environ["RUST_LOG"].split(",")[0].rpartition("=")[2].lower()
+        level = _RUST_LEVELS.get(first)
+    agent_log.configure(level or config_level or "info", "auto")
+
+
+def read_kernel_cmdline(path: str | None) -> str:
+    """The kernel command line (`--kernel-cmdline`, `$CVM_AGENT_KERNEL_CMDLINE`, else /proc/cmdline)."""
+    name = path or os.environ.get("CVM_AGENT_KERNEL_CMDLINE") or DEFAULT_CMDLINE
+    try:
+        return Path(name).read_text(errors="replace")[: 64 * 1024]
+    except OSError:
+        if path is not None:
+            msg = f"--kernel-cmdline {path!r} cannot be read"
+            raise ConfigError(msg, key="--kernel-cmdline") from None
+        return ""
+
+
+def discover_kbc(config_url: str | None, cmdline: str) -> tuple[KbcParams | None, str]:
+    """The KBS, as the reference finds it: config file, then `AA_KBC_PARAMS`, then `agent.aa_kbc_params`."""
+    if config_url is not None:
+        return KbcParams(name="cc_kbc", url=config_url), "config file"
+    env = os.environ.get("AA_KBC_PARAMS")
+    if env:
+        return parse_kbc_params(env, source="AA_KBC_PARAMS"), "AA_KBC_PARAMS"
+    value = cmdline_value(cmdline, "agent.aa_kbc_params")
+    if value:
+        return parse_kbc_params(value, source="agent.aa_kbc_params"), "kernel command line"
+    return None, "none"
+
+
+async def wait_for_stop() -> None:
+    """Return on SIGTERM, SIGINT or SIGHUP (the reference exits on SIGINT and SIGHUP)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)

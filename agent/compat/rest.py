@@ -1,0 +1,274 @@
+"""`api-server-rest`: the reference REST front of the AA and CDH, forwarding over ttRPC. Edge (HTTP).
+
+    api-server-rest [-b 127.0.0.1:8006] [-f resource|attestation|all] [-a unix:///...aa.sock] [-c unix:///...cdh.sock]
+
+Endpoints, status codes and bodies follow guest-api.md §10. Requests from peers that are not on loopback get 403.
+One request per connection (`Connection: close`); request heads and bodies are bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import ipaddress
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import structlog
+
+from agent import __version__
+from agent.api.status import RpcError
+from agent.api.ttrpc import TtrpcClient
+from agent.compat import common
+from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
+from agent.errors import ConfigError
+
+__all__ = ["RestApi", "main"]
+
+log = structlog.get_logger("agent.rest")
+
+AA = "attestation_agent.AttestationAgentService"
+CDH_RESOURCE = "api.GetResourceService"
+TIMEOUT_S = 50.0
+MAX_HEAD = 16 * 1024
+MAX_BODY = 64 * 1024
+FEATURES = ("resource", "attestation", "all")
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "text/plain"
+
+
+def _text(status: int, text: str) -> Reply:
+    return Reply(status, text.encode())
+
+
+class RestApi:
+    """Routes one request to the AA or CDH; transport-free apart from the ttRPC clients it is given."""
+
+    def __init__(self, *, features: str, aa_client: TtrpcClient, cdh_client: TtrpcClient) -> None:
+        self.features = features
+        self._aa = aa_client
+        self._cdh = cdh_client
+
+    @property
+    def attestation(self) -> bool:
+        return self.features in ("attestation", "all")
+
+    @property
+    def resource(self) -> bool:
+        return self.features in ("resource", "all")
+
+    async def handle(self, method: str, target: str, body: bytes) -> Reply:
+        parts = urlsplit(target)
+        path, query = parts.path, parse_qs(parts.query, keep_blank_values=True)
+        try:
+            if path == "/info":
+                return await self._only_get(method) or await self._info()
+            if path.startswith("/aa/"):
+                if not self.attestation:
+                    return _text(404, "Attestation Feature Not Enabled")
+                return await self._aa_route(method, path, query, body)
+            if path.startswith("/cdh/"):
+                if not self.resource:
+                    return _text(404, "Resource Feature Not Enabled")
+                return await self._cdh_route(method, path)
+        except RpcError as exc:
+            return _text(500, exc.message)
+        return _text(404, "URL NOT FOUND")
+
+    async def _only_get(self, method: str) -> Reply | None:
+        return None if method == "GET" else _text(405, "Method Not Allowed")
+
+    async def _info(self) -> Reply:
+        from agent.api._gen import attestation_agent_pb2 as aa
+
+        info: dict[str, object] = {"version": __version__}
+        if self.attestation:
+            tee = aa.GetTeeTypeResponse.FromString(await self._call_aa("GetTeeType", b""))
+            info["tee"] = tee.tee
+            extra = aa.GetAdditionalTeesResponse.FromString(await self._call_aa("GetAdditionalTees", b""))
+            info["additional_tees"] = list(extra.additional_tees)
+        info["feature"] = self.features
+        return Reply(200, json.dumps(info).encode(), "application/json")
+
+    async def _call_aa(self, name: str, payload: bytes) -> bytes:
+        return await self._aa.call(AA, name, payload, timeout=TIMEOUT_S)
+
+    async def _aa_route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Reply:
+        from agent.api._gen import attestation_agent_pb2 as aa
+
+        if path == "/aa/aael":
+            if method != "POST":
+                return _text(405, "Method Not Allowed")
+            try:
+                event = json.loads(body)
+                request = aa.ExtendRuntimeMeasurementRequest(
+                    Domain=event["domain"], Operation=event["operation"], Content=event["content"]
+                )
+            except (ValueError, KeyError, TypeError):
+                return _text(400, "BAD REQUEST")
+            reply = aa.ExtendRuntimeMeasurementResponse.FromString(
+                await self._call_aa("ExtendRuntimeMeasurement", request.SerializeToString())
+            )
+            outcome = {
+                aa.OK: {"success": "true"},
+                aa.NOT_SUPPORTED: {"success": "false", "message": "The platform does not support runtime measurement"},
+                aa.NOT_ENABLED: {"success": "false", "message": "Attestation Agent does not enable eventlog recording"},
+            }[reply.Result]
+            return Reply(200, json.dumps(outcome).encode(), "application/json")
+        if method != "GET":
+            return _text(405, "Method Not Allowed")
+        if path == "/aa/token":
+            token_type = query.get("token_type", [""])[0]
+            if not token_type:
+                return _text(400, "BAD REQUEST")
+            data = await self._call_aa("GetToken", aa.GetTokenRequest(TokenType=token_type).SerializeToString())
+            return Reply(200, aa.GetTokenResponse.FromString(data).Token, "application/octet-stream")
+        if path in ("/aa/evidence", "/aa/additional-evidence"):
+            runtime_data = _runtime_data(query)
+            if runtime_data is None:
+                return _text(400, "BAD REQUEST")
+            if path == "/aa/evidence":
+                name, payload = "GetEvidence", aa.GetEvidenceRequest(RuntimeData=runtime_data).SerializeToString()
+            else:
+                extra = aa.GetAdditionalEvidenceRequest(RuntimeData=runtime_data)
+                name, payload = "GetAdditionalEvidence", extra.SerializeToString()
+            data = await self._call_aa(name, payload)
+            return Reply(200, aa.GetEvidenceResponse.FromString(data).Evidence, "application/octet-stream")
+        return _text(404, "URL NOT FOUND")
+
+    async def _cdh_route(self, method: str, path: str) -> Reply:
+        from agent.api._gen import api_pb2
+
+        segments = path[len("/cdh/") :].split("/")
+        if len(segments) != 4 or segments[0] != "resource":
+            return _text(404, "URL NOT FOUND")
+        if method != "GET":
+            return _text(405, "Method Not Allowed")
+        uri = "kbs:///" + "/".join(unquote(s) for s in segments[1:])
+        request = api_pb2.GetResourceRequest(ResourcePath=uri).SerializeToString()
+        data = await self._cdh.call(CDH_RESOURCE, "GetResource", request, timeout=TIMEOUT_S)
+        return Reply(200, api_pb2.GetResourceResponse.FromString(data).Resource, "application/octet-stream")
+
+
+def _runtime_data(query: dict[str, list[str]]) -> bytes | None:
+    values = query.get("runtime_data")
+    if not values:
+        return None
+    encoding = query.get("encoding", [None])[0]
+    if encoding is None:
+        return values[0].encode()
+    if encoding != "base64":
+        return None
+    text = values[0]
+    if "=" in text or "+" in text or "/" in text:
+        return None  # URL-safe base64 without padding only
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _loopback(peer: object) -> bool:
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        return ipaddress.ip_address(str(peer[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+async def _serve_connection(api: RestApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    reply: Reply
+    method = target = "-"
+    try:
+        if not _loopback(writer.get_extra_info("peername")):
+            reply = _text(403, "Forbidden")
+        else:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _version = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+            length = int(headers.get("content-length", "0"))
+            if not 0 <= length <= MAX_BODY:
+                reply = _text(400, "BAD REQUEST")
+            else:
+                body = await asyncio.wait_for(reader.readexactly(length), timeout=10) if length else b""
+                reply = await api.handle(method, target, body)
+    except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, TimeoutError):
+        reply = _text(400, "BAD REQUEST")
+    status_line = f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Error')}\r\n"
+    head_out = (
+        f"{status_line}Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    try:
+        writer.write(head_out.encode() + reply.body)
+        await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+    log.info("rest.request", method=method, path=urlsplit(target).path if target != "-" else "-", status=reply.status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="api-server-rest", description="REST API in front of the AA and CDH.")
+    parser.add_argument("-b", "--bind", default="127.0.0.1:8006", help="listen address (default %(default)s)")
+    parser.add_argument("-f", "--features", default="resource", choices=FEATURES, help="default %(default)s")
+    parser.add_argument("-a", "--aa_addr", default=DEFAULT_AA_SOCKET, help="AA ttRPC socket")
+    parser.add_argument("-c", "--cdh_addr", default=DEFAULT_CDH_SOCKET, help="CDH ttRPC socket")
+    parser.add_argument("--log-level", help="debug, info, warning or error")
+    return parser
+
+
+async def run(args: argparse.Namespace) -> int:
+    common.configure_logging(None, args.log_level)
+    host, sep, port = args.bind.rpartition(":")
+    if not sep or not port.isdigit():
+        msg = f"--bind is {args.bind!r}, expected HOST:PORT"
+        raise ConfigError(msg, key="--bind")
+    aa = TtrpcClient(unix_path(args.aa_addr, key="--aa_addr"))
+    cdh = TtrpcClient(unix_path(args.cdh_addr, key="--cdh_addr"))
+    api = RestApi(features=args.features, aa_client=aa, cdh_client=cdh)
+    server = await asyncio.start_server(
+        lambda r, w: _serve_connection(api, r, w), host.strip("[]"), int(port), limit=MAX_HEAD
+    )
+    log.info("rest.listening", bind=args.bind, features=args.features)
+    try:
+        await common.wait_for_stop()
+    finally:
+        server.close()
+        await server.wait_closed()
+        await aa.close()
+        await cdh.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except ConfigError as exc:
+        print(f"api-server-rest: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"api-server-rest: cannot listen on {args.bind}: {exc.strerror}", file=sys.stderr)
+        return 1
