@@ -69,9 +69,6 @@ async def run(args: argparse.Namespace) -> int:
         settings = parse_aa_config(_read(args.config_file, "--config-file"), source=args.config_file)
     common.configure_logging(settings.log_level, args.log_level)
     socket_path = unix_path(args.attestation_sock, key="--attestation_sock")
-    cmdline = common.read_kernel_cmdline(args.kernel_cmdline)
-    tee, tee_source = _choose_tee(args.tee, settings, cmdline)
-    config = Config().with_overrides(tee=tee)
     initdata = (
         parse_initdata(_read(args.initdata_toml, "--initdata-toml"), source=args.initdata_toml)
         if args.initdata_toml
@@ -82,6 +79,9 @@ async def run(args: argparse.Namespace) -> int:
         if initdata
         else (decode_digest_argument(args.initdata_digest) if args.initdata_digest else None)
     )
+    cmdline = common.read_kernel_cmdline(args.kernel_cmdline)
+    tee, tee_source = _choose_tee(args.tee, settings, cmdline)
+    config = Config().with_overrides(tee=tee)
 
     attester = make_attester(config)
     kbc, kbc_source = common.discover_kbc(settings.kbs_url, cmdline)
