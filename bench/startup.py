@@ -63,7 +63,8 @@ async def one_round(root: Path, kbs_url: str) -> dict[str, float]:
         sock.unlink(missing_ok=True)
     (root / "aa.toml").write_text(f'[token_configs.kbs]\nurl = "{kbs_url}"\n[cvm_agent]\ntee = "sample"\n')
     (root / "cdh.toml").write_text(
-        f'socket = "unix://{cdh_sock}"\n[aa]\naa_socket = "unix://{aa_sock}"\n[kbc]\nname = "cc_kbc"\nurl = "{kbs_url}"\n'
+        f'socket = "unix://{cdh_sock}"\n[aa]\naa_socket = "unix://{aa_sock}"\n'
+        f'[kbc]\nname = "cc_kbc"\nurl = "{kbs_url}"\n'
     )
     out = subprocess.DEVNULL
     started = time.perf_counter()
