@@ -22,9 +22,12 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from agent.errors import EvidenceParseError
+from agent.tee._layout import Span as _Span
+from agent.tee._layout import u16 as _u16
+from agent.tee._layout import u32 as _u32
 
 __all__ = [
     "AAEL_TAG_ID",
@@ -52,15 +55,6 @@ __all__ = [
     "replay_rtmrs",
     "trim_ccel",
 ]
-
-
-class _Span(NamedTuple):
-    start: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
 
 
 EV_NO_ACTION = 0x3
@@ -166,14 +160,6 @@ def _hash(alg_id: int, data: bytes) -> bytes | None:
         return hashlib.new(name, data).digest()
     except ValueError:
         return None
-
-
-def _u32(data: bytes, offset: int) -> int:
-    return int.from_bytes(data[offset : offset + 4], "little")
-
-
-def _u16(data: bytes, offset: int) -> int:
-    return int.from_bytes(data[offset : offset + 2], "little")
 
 
 def _need(data: bytes, offset: int, size: int, what: str) -> None:

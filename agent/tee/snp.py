@@ -22,9 +22,14 @@ import struct
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from agent.errors import EvidenceParseError
+from agent.tee._layout import Span as _Span
+from agent.tee._layout import check_int as _check_int
+from agent.tee._layout import check_size as _check_size
+from agent.tee._layout import require_zero as _require_zero
+from agent.tee._layout import take as _take
 
 __all__ = [
     "SNP_REPORT_LEN",
@@ -44,15 +49,6 @@ __all__ = [
     "report_from_sev_json",
     "snp_evidence",
 ]
-
-
-class _Span(NamedTuple):
-    start: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
 
 
 # --- ATTESTATION_REPORT (1184 bytes), hw-abi.md §6.4 -------------------------------------------------------------
@@ -143,41 +139,8 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 # --- helpers -----------------------------------------------------------------------------------------------------
 
 
-def _take(data: bytes, span: _Span, base: int = 0) -> bytes:
-    return data[base + span.start : base + span.end]
-
-
 def _int(data: bytes, span: _Span) -> int:
     return int.from_bytes(_take(data, span), "little")
-
-
-def _require_zero(data: bytes, span: _Span, what: str) -> None:
-    for i, byte in enumerate(_take(data, span)):
-        if byte:
-            at = span.start + i
-            msg = (
-                f"{what} byte at 0x{at:x} is 0x{byte:02x}, expected 0x00 "
-                f"(reserved range 0x{span.start:x}..0x{span.end:x})"
-            )
-            raise EvidenceParseError(msg, offset=at)
-
-
-def _check_size(name: str, value: object, size: int) -> None:
-    if not isinstance(value, bytes):
-        msg = f"`{name}` must be bytes, not {type(value).__name__}"
-        raise TypeError(msg)
-    if len(value) != size:
-        msg = f"`{name}` length is 0x{len(value):x}, expected 0x{size:x}"
-        raise ValueError(msg)
-
-
-def _check_int(name: str, value: object, maximum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        msg = f"`{name}` must be an int, not {type(value).__name__}"
-        raise TypeError(msg)
-    if not 0 <= value <= maximum:
-        msg = f"`{name}` is 0x{value:x}, expected 0x0..0x{maximum:x}"
-        raise ValueError(msg)
 
 
 def _bits(value: int, table: Mapping[str, int]) -> dict[str, bool]:

@@ -21,9 +21,15 @@ import enum
 import hashlib
 import struct
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from agent.errors import EvidenceParseError
+from agent.tee._layout import Span as _Span
+from agent.tee._layout import check_size as _check_size
+from agent.tee._layout import require_zero as _require_zero
+from agent.tee._layout import take as _take
+from agent.tee._layout import u16 as _u16
+from agent.tee._layout import u32 as _u32
 
 __all__ = [
     "TDX_REPORT_LEN",
@@ -42,17 +48,6 @@ __all__ = [
     "parse_quote",
     "parse_td_report",
 ]
-
-
-class _Span(NamedTuple):
-    """A fixed field: `size` bytes at `start` (relative to the structure it belongs to)."""
-
-    start: int
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
 
 
 # --- TDREPORT_STRUCT (1024 bytes), hw-abi.md §6.1; kernel `TDX_REPORT_LEN` -------------------------------------
@@ -170,40 +165,6 @@ class Trailing(enum.Enum):
 
 def _fail(message: str, offset: int | None = None) -> EvidenceParseError:
     return EvidenceParseError(message, offset=offset)
-
-
-def _take(data: bytes, span: _Span, base: int = 0) -> bytes:
-    return data[base + span.start : base + span.end]
-
-
-def _u16(data: bytes, offset: int) -> int:
-    return int.from_bytes(data[offset : offset + 2], "little")
-
-
-def _u32(data: bytes, offset: int) -> int:
-    return int.from_bytes(data[offset : offset + 4], "little")
-
-
-def _require_zero(data: bytes, span: _Span, what: str, base: int = 0) -> None:
-    """Raise if any byte of the reserved range is non-zero; the message names the first offending byte."""
-    chunk = _take(data, span, base)
-    for i, byte in enumerate(chunk):
-        if byte:
-            at = base + span.start + i
-            msg = (
-                f"{what} byte at 0x{at:x} is 0x{byte:02x}, expected 0x00 "
-                f"(reserved range 0x{base + span.start:x}..0x{base + span.end:x})"
-            )
-            raise _fail(msg, at)
-
-
-def _check_size(name: str, value: object, size: int) -> None:
-    if not isinstance(value, bytes):
-        msg = f"`{name}` must be bytes, not {type(value).__name__}"
-        raise TypeError(msg)
-    if len(value) != size:
-        msg = f"`{name}` length is 0x{len(value):x}, expected 0x{size:x}"
-        raise ValueError(msg)
 
 
 def _check_rtmrs(name: str, rtmrs: tuple[bytes, ...]) -> None:
