@@ -24,9 +24,6 @@ HMAC).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 import secrets
 from collections.abc import Mapping
@@ -40,6 +37,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.errors import DecryptionError, InvalidRequest, InvalidResourceUri, NotSupported
 from agent.kbs.resource import parse_resource_uri
+from agent.strictjson import b64decode_std as _b64decode_std
+from agent.strictjson import b64encode_std as _b64encode_std
+from agent.strictjson import dump_json as _dump_json
+from agent.strictjson import json_type as _json_type
+from agent.strictjson import load_json_object as _load_json_object
+from agent.strictjson import shown as _shown
 
 __all__ = [
     "AnnotationPacket",
@@ -315,93 +318,3 @@ def _get_object(obj: Mapping[str, object], key: str) -> dict[str, object]:
 
 
 # --- JSON and base64 helpers (shared with agent.keyprovider.messages) -----------------------------------
-
-
-def _load_json_object(data: bytes, what: str) -> dict[str, object]:
-    """Strict JSON: UTF-8, one object at the top, no duplicate keys, no NaN/Infinity, no lone surrogates."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        msg = f"{what} is not UTF-8."
-        raise InvalidRequest(msg) from None
-    try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        # serde_json and Go reject or replace lone surrogates; refuse them here rather than fail later.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except _DuplicateKeyError as exc:
-        msg = f"{what} has the key {_shown(exc.key)} more than once."
-        raise InvalidRequest(msg) from None
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeEncodeError, int-size limit: ValueErrors
-        msg = f"{what} is not valid JSON."
-        raise InvalidRequest(msg) from None
-    if not isinstance(value, dict):
-        msg = f"{what} is {_json_type(value)}, expected a JSON object."
-        raise InvalidRequest(msg)
-    return value
-
-
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result: dict[str, object] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(key)
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> object:
-    msg = f"{name} is not JSON"
-    raise ValueError(msg)
-
-
-def _dump_json(obj: object) -> bytes:
-    # Compact, non-ASCII written as UTF-8, like serde_json::to_string.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _b64decode_std(text: str, what: str) -> bytes:
-    """Standard base64, padded and canonical (Rust `STANDARD` and Go `StdEncoding` both write this form)."""
-    if len(text) % 4 or not _B64_STD.fullmatch(text):
-        msg = f"{what} is not padded standard base64."
-        raise InvalidRequest(msg)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        msg = f"{what} is not padded standard base64."
-        raise InvalidRequest(msg) from None
-    if _b64encode_std(raw) != text:
-        msg = f"{what} is not canonical base64 (nonzero trailing bits)."
-        raise InvalidRequest(msg)
-    return raw
-
-
-def _b64encode_std(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-_JSON_TYPES: tuple[tuple[type, str], ...] = (
-    (bool, "a boolean"),  # before int: bool is an int subclass
-    (int, "a number"),
-    (float, "a number"),
-    (str, "a string"),
-    (list, "an array"),
-    (dict, "an object"),
-)
-
-
-def _json_type(value: object) -> str:
-    """The JSON type of a decoded value, for error messages ("a string", "null", ...)."""
-    if value is None:
-        return "null"
-    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), type(value).__name__)
-
-
-def _shown(value: str, limit: int = 40) -> str:
-    """A caller-supplied string, quoted and cut short, for an error message."""
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"

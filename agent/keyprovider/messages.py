@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from agent.errors import InvalidRequest
-from agent.keyprovider.annotation import _b64decode_std, _json_type, _load_json_object, _shown
+from agent.strictjson import b64decode_std as _b64decode_std
+from agent.strictjson import json_type as _json_type
+from agent.strictjson import load_json_object as _load_json_object
+from agent.strictjson import shown as _shown
 
 __all__ = [
     "WrapRequest",

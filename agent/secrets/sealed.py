@@ -17,9 +17,6 @@ create sealed secrets.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,6 +30,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from agent.errors import InvalidRequest
 from agent.keyprovider.annotation import WrapType
+from agent.strictjson import b64decode_std
+from agent.strictjson import b64encode_std as _b64encode_std
+from agent.strictjson import b64url_decode as _b64url_decode
+from agent.strictjson import b64url_encode as _b64url_encode
+from agent.strictjson import dump_json as _dump_json
+from agent.strictjson import load_json_object as _load_json_object
+from agent.strictjson import shown as _shown
 
 __all__ = [
     "EnvelopeSecret",
@@ -387,71 +391,5 @@ def _json_kind(obj: Mapping[str, object], key: str) -> str:
     )
 
 
-def _load_json_object(data: bytes, what: str) -> dict[str, object]:
-    """Strict JSON: UTF-8, an object at the top, no duplicate keys, no NaN/Infinity, no lone surrogates."""
-    try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (ValueError, RecursionError):  # also UnicodeDecodeError / UnicodeEncodeError / duplicate keys
-        msg = f"{what} is not valid JSON."
-        raise InvalidRequest(msg) from None
-    if not isinstance(value, dict):
-        msg = f"{what} is not a JSON object."
-        raise InvalidRequest(msg)
-    return value
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        msg = "duplicate key"
-        raise ValueError(msg)
-    return result
-
-
-def _no_constant(name: str) -> object:
-    msg = f"{name} is not JSON"
-    raise ValueError(msg)
-
-
-def _dump_json(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _b64url_decode(text: str, what: str) -> bytes:
-    """base64url without padding, canonical (Rust `URL_SAFE_NO_PAD` rejects padding and stray trailing bits)."""
-    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
-        msg = f"{what} is not unpadded base64url."
-        raise InvalidRequest(msg)
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if _b64url_encode(raw) != text:
-        msg = f"{what} is not canonical base64url (nonzero trailing bits)."
-        raise InvalidRequest(msg)
-    return raw
-
-
-def _b64url_encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _b64decode_std(text: str, key: str) -> bytes:
-    if len(text) % 4 or not _B64_STD.fullmatch(text):
-        msg = f"sealed secret `{key}` is not padded standard base64."
-        raise InvalidRequest(msg)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        msg = f"sealed secret `{key}` is not padded standard base64."
-        raise InvalidRequest(msg) from None
-    if _b64encode_std(raw) != text:
-        msg = f"sealed secret `{key}` is not canonical base64 (nonzero trailing bits)."
-        raise InvalidRequest(msg)
-    return raw
-
-
-def _b64encode_std(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _shown(value: str, limit: int = 40) -> str:
-    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
+    return b64decode_std(text, f"sealed secret `{key}`")

@@ -29,6 +29,7 @@ PURE = [
     "keyprovider/annotation.py",
     "keyprovider/messages.py",
     "secrets/sealed.py",
+    "strictjson.py",
 ]
 FORBIDDEN = {"os", "fcntl", "socket", "asyncio", "httpx", "grpc", "structlog", "subprocess", "threading", "pathlib"}
 
