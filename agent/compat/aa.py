@@ -22,7 +22,7 @@ import structlog
 
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, AaSettings, cmdline_value, parse_aa_config, unix_path
-from agent.errors import AgentError, ConfigError, EvidenceMismatch, NotSupported
+from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 from agent.tee.base import Attester
 
 __all__ = ["main"]
@@ -143,11 +143,4 @@ def _read(path: str, flag: str) -> bytes:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except ConfigError as exc:
-        print(f"attestation-agent: {exc}", file=sys.stderr)
-        return 2
-    except AgentError as exc:
-        print(f"attestation-agent: {exc.diagnostics()}", file=sys.stderr)
-        return 1
+    return common.run_command("attestation-agent", lambda: run(args))

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +22,7 @@ import structlog
 
 from agent.compat import common
 from agent.compat.refconfig import CdhSettings, Credential, credentials_from_cmdline, parse_cdh_config, unix_path
-from agent.errors import AgentError, ConfigError
+from agent.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.api.ttrpc import TtrpcClient
@@ -164,11 +163,4 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except ConfigError as exc:
-        print(f"confidential-data-hub: {exc}", file=sys.stderr)
-        return 2
-    except AgentError as exc:
-        print(f"confidential-data-hub: {exc.diagnostics()}", file=sys.stderr)
-        return 1
+    return common.run_command("confidential-data-hub", lambda: run(args))

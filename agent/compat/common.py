@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from agent import log as agent_log
 from agent.compat.refconfig import KbcParams, cmdline_value, parse_kbc_params
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 
-__all__ = ["configure_logging", "discover_kbc", "read_kernel_cmdline", "wait_for_stop"]
+__all__ = ["configure_logging", "discover_kbc", "read_kernel_cmdline", "run_command", "wait_for_stop"]
 
 log = structlog.get_logger("agent.compat")
 
@@ -53,6 +56,21 @@ def discover_kbc(config_url: str | None, cmdline: str) -> tuple[KbcParams | None
     if value:
         return parse_kbc_params(value, source="agent.aa_kbc_params"), "kernel command line"
     return None, "none"
+
+
+def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run a command's coroutine; configuration errors exit 2, agent errors 1, each as one stderr line."""
+    try:
+        return asyncio.run(main())
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except AgentError as exc:
+        print(f"{prog}: {exc.diagnostics()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{prog}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 async def wait_for_stop() -> None:

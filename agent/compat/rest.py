@@ -14,7 +14,6 @@ import base64
 import binascii
 import ipaddress
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -264,11 +263,4 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except ConfigError as exc:
-        print(f"api-server-rest: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"api-server-rest: cannot listen on {args.bind}: {exc.strerror}", file=sys.stderr)
-        return 1
+    return common.run_command("api-server-rest", lambda: run(args))
