@@ -43,10 +43,18 @@ class MeasurementResult(enum.IntEnum):
 class AttestationAgent:
     """The attestation agent: evidence, tokens, runtime measurement, initdata binding."""
 
-    def __init__(self, attester: Attester, kbs: KbsClient | None, *, ready: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        attester: Attester,
+        kbs: KbsClient | None,
+        *,
+        ready: asyncio.Event | None = None,
+        eventlog_enabled: bool = False,
+    ) -> None:
         self._attester = attester
         self._kbs = kbs
         self._ready = ready
+        self._eventlog_enabled = eventlog_enabled
 
     async def _wait_ready(self) -> None:
         """Calls that use the TEE or the KBS wait until start-up checks (initdata binding) have passed."""
@@ -95,7 +103,9 @@ class AttestationAgent:
         if "\n" in content or " " in domain or " " in operation or not domain or not operation:
             msg = "`Domain` and `Operation` must be non-empty without spaces, and `Content` must not contain a newline"
             raise InvalidRequest(msg)
-        return MeasurementResult.NOT_ENABLED
+        # Runtime measurement (AAEL + RTMR/PCR extend with a write-ahead journal) is not implemented yet: with
+        # the event log enabled the honest answer is NOT_SUPPORTED, which every reference caller tolerates.
+        return MeasurementResult.NOT_SUPPORTED if self._eventlog_enabled else MeasurementResult.NOT_ENABLED
 
     async def bind_init_data(self, digest: bytes) -> None:
         if not digest or len(digest) > 64:

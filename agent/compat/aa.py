@@ -99,7 +99,9 @@ async def run(args: argparse.Namespace) -> int:
     else:
         log.warning("kbs.unconfigured", found=kbc_source, hint="GetToken fails without a cc_kbc KBS URL")
     ready = asyncio.Event()
-    agent = AttestationAgent(attester, kbs, ready=ready)
+    if settings.enable_eventlog:
+        log.warning("eventlog.unsupported", reason="runtime measurement is not implemented; answering NOT_SUPPORTED")
+    agent = AttestationAgent(attester, kbs, ready=ready, eventlog_enabled=settings.enable_eventlog)
     server = build_ttrpc_server(build_methods(agent, None))
     await server.start(socket_path)
     log.info("aa.listening", socket=socket_path, tee=attester.tee, tee_source=tee_source, kbs=kbc.url if kbc else None)

@@ -67,3 +67,16 @@ async def test_unexpected_exception_hides_its_text() -> None:
         await method.invoke(b"", transport="test")
     assert info.value.code is StatusCode.INTERNAL
     assert "secret" not in info.value.message
+
+
+async def test_runtime_measurement_answers() -> None:
+    from agent.service import MeasurementResult
+
+    disabled = AttestationAgent(SampleAttester(), None)
+    enabled = AttestationAgent(SampleAttester(), None, eventlog_enabled=True)
+    assert await disabled.extend_runtime_measurement("d", "o", "c", None) is MeasurementResult.NOT_ENABLED
+    assert await enabled.extend_runtime_measurement("d", "o", "c", 17) is MeasurementResult.NOT_SUPPORTED
+    with pytest.raises(errors.InvalidRequest, match="must not contain a newline"):
+        await disabled.extend_runtime_measurement("d", "o", "two\nlines", None)
+    with pytest.raises(errors.InvalidRequest):
+        await disabled.extend_runtime_measurement("a domain", "o", "c", None)
