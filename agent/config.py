@@ -5,7 +5,7 @@ raises `ConfigError` naming the key and the value.
 
 Example (`cvm-agent serve --config agent.toml`):
 
-    tee = "sample"                      # "auto" (default) probes the hardware; "sample" is the mock TEE
+    tee = "sample"                      # "auto" (default) probes tdx, then snp; "tdx", "snp"; "sample" is the mock
     socket = "/run/confidential-containers/cvm-agent/agent.sock"
     grpc_listen = ["127.0.0.1:50002"]   # optional extra loopback TCP listeners
 
@@ -25,6 +25,20 @@ Example (`cvm-agent serve --config agent.toml`):
     [log]
     level = "info"                      # debug, info, warning, error
     format = "auto"                     # auto (console on a TTY, JSON otherwise), json, console
+
+    [snp]
+    vmpl = 0                            # VMPL of SNP reports (configfs `privlevel`, ioctl `vmpl`); Trustee needs 0
+
+    [tee_paths]                         # kernel interfaces; change them only for emulators and tests
+    tsm_report_dir = "/sys/kernel/config/tsm/report"               # configfs-tsm reports (TDX quotes, SNP)
+    tdx_guest_device = "/dev/tdx_guest"                            # TDX_CMD_GET_REPORT0 (MRCONFIGID, RTMRs)
+    sev_guest_device = "/dev/sev-guest"                            # SNP_GET_EXT_REPORT / SNP_GET_REPORT
+    sev_guest_platform_dir = "/sys/devices/platform/sev-guest"     # SNP detection (as the reference)
+    tdx_measurements_dir = "/sys/devices/virtual/misc/tdx_guest/measurements"   # Linux >= 6.16 registers
+    ccel_data = "/sys/firmware/acpi/tables/data/CCEL"              # the CCEL event log (TDX `cc_eventlog`)
+
+Every `tee_paths` key is also a command-line flag of `serve`, `check-config`, `tee --probe` and
+`evidence --decode --local` (`--tsm-report-dir`, `--tdx-guest-device`, ...), as is `snp.vmpl` (`--snp-vmpl`).
 """
 
 from __future__ import annotations
@@ -48,13 +62,16 @@ __all__ = [
     "KbsConfig",
     "ListenAddress",
     "LogConfig",
+    "SnpConfig",
+    "TEE_PATH_FLAGS",
+    "TeePaths",
     "from_mapping",
     "load",
     "parse_listen_address",
 ]
 
 DEFAULT_SOCKET = "/run/confidential-containers/cvm-agent/agent.sock"
-TEE_NAMES = ("auto", "sample")
+TEE_NAMES = ("auto", "tdx", "snp", "sample")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -142,6 +159,38 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TeePaths:
+    """Where the kernel's TEE interfaces live. Defaults are the real locations; emulators point elsewhere."""
+
+    tsm_report_dir: str = "/sys/kernel/config/tsm/report"
+    tdx_guest_device: str = "/dev/tdx_guest"
+    sev_guest_device: str = "/dev/sev-guest"
+    sev_guest_platform_dir: str = "/sys/devices/platform/sev-guest"
+    tdx_measurements_dir: str = "/sys/devices/virtual/misc/tdx_guest/measurements"
+    ccel_data: str = "/sys/firmware/acpi/tables/data/CCEL"
+
+    def describe(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in TEE_PATH_FLAGS}
+
+
+# `tee_paths` key -> command-line flag
+TEE_PATH_FLAGS: dict[str, str] = {
+    "tsm_report_dir": "--tsm-report-dir",
+    "tdx_guest_device": "--tdx-guest-device",
+    "sev_guest_device": "--sev-guest-device",
+    "sev_guest_platform_dir": "--sev-guest-platform-dir",
+    "tdx_measurements_dir": "--tdx-measurements-dir",
+    "ccel_data": "--ccel-data",
+}
+SNP_VMPL_MAX = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnpConfig:
+    vmpl: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     tee: str = "auto"
     socket: ListenAddress = field(default_factory=lambda: ListenAddress(unix_path=DEFAULT_SOCKET))
@@ -149,6 +198,8 @@ class Config:
     kbs: KbsConfig = field(default_factory=KbsConfig)
     data_hub: DataHubConfig = field(default_factory=DataHubConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    snp: SnpConfig = field(default_factory=SnpConfig)
+    tee_paths: TeePaths = field(default_factory=TeePaths)
 
     def with_overrides(
         self,
@@ -158,8 +209,13 @@ class Config:
         kbs_url: str | None = None,
         kbs_cert: str | None = None,
         log_level: str | None = None,
+        snp_vmpl: int | None = None,
+        tee_paths: Mapping[str, str | None] | None = None,
     ) -> Config:
-        """Apply command-line overrides, validating each like its config key."""
+        """Apply command-line overrides, validating each like its config key.
+
+        `tee_paths` maps `tee_paths` keys to values (None: not given); unknown keys are a programming error.
+        """
         cfg = self
         if tee is not None:
             cfg = replace(cfg, tee=_tee(tee, "--tee"))
@@ -171,6 +227,15 @@ class Config:
             cfg = replace(cfg, kbs=replace(cfg.kbs, cert_path=_cert(kbs_cert, "--kbs-cert")))
         if log_level is not None:
             cfg = replace(cfg, log=replace(cfg.log, level=_choice(log_level, LOG_LEVELS, "--log-level")))
+        if snp_vmpl is not None:
+            cfg = replace(cfg, snp=SnpConfig(vmpl=_integer(snp_vmpl, "--snp-vmpl", low=0, high=SNP_VMPL_MAX)))
+        for name, value in (tee_paths or {}).items():
+            if name not in TEE_PATH_FLAGS:
+                msg = f"unknown tee_paths key {name!r}"
+                raise ValueError(msg)
+            if value is not None:
+                path = _abs_path(value, TEE_PATH_FLAGS[name])
+                cfg = replace(cfg, tee_paths=replace(cfg.tee_paths, **{name: path}))
         return cfg
 
     def describe(self) -> dict[str, Any]:
@@ -193,6 +258,8 @@ class Config:
                 "sealed_secret_key_dir": self.data_hub.sealed_secret_key_dir,
             },
             "log": {"level": self.log.level, "format": self.log.format},
+            "snp": {"vmpl": self.snp.vmpl},
+            "tee_paths": self.tee_paths.describe(),
         }
 
 
@@ -229,6 +296,13 @@ def _kbs_url(value: object, key: str) -> str:
 def _cert(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
         msg = f"`{key}` is {value!r}, expected the path of a PEM certificate file"
+        raise ConfigError(msg, key=key)
+    return value
+
+
+def _abs_path(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value:
+        msg = f"`{key}` is {value!r}, expected an absolute path"
         raise ConfigError(msg, key=key)
     return value
 
@@ -315,7 +389,7 @@ def _data_hub(data: Mapping[str, Any]) -> DataHubConfig:
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Build a validated Config from parsed TOML. Unknown keys are errors (typos must not pass silently)."""
-    top = {"tee", "socket", "grpc_listen", "kbs", "data_hub", "log"}
+    top = {"tee", "socket", "grpc_listen", "kbs", "data_hub", "log", "snp", "tee_paths"}
     unknown = sorted(set(data) - top)
     if unknown:
         msg = f"`{unknown[0]}` is not a known key (known: {', '.join(sorted(top))})"
@@ -342,7 +416,17 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         lg = replace(lg, level=_choice(log["level"], LOG_LEVELS, "log.level"))
     if "format" in log:
         lg = replace(lg, format=_choice(log["format"], LOG_FORMATS, "log.format"))
-    return replace(cfg, log=lg)
+    cfg = replace(cfg, log=lg)
+
+    snp = _table(data, "snp", {"vmpl"})
+    if "vmpl" in snp:
+        cfg = replace(cfg, snp=SnpConfig(vmpl=_integer(snp["vmpl"], "snp.vmpl", low=0, high=SNP_VMPL_MAX)))
+
+    paths = _table(data, "tee_paths", set(TEE_PATH_FLAGS))
+    tp = cfg.tee_paths
+    for name, value in paths.items():
+        tp = replace(tp, **{name: _abs_path(value, f"tee_paths.{name}")})
+    return replace(cfg, tee_paths=tp)
 
 
 def load(path: str | Path | None) -> Config:

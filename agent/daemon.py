@@ -38,7 +38,7 @@ def _notify_ready() -> None:
 
 
 async def run(config: Config) -> int:
-    attester = make_attester(config)
+    attester = await asyncio.to_thread(make_attester, config)  # detection probes configfs and sysfs
     kbs: KbsClient | None = None
     if config.kbs.url is None:
         log.warning("kbs.unconfigured", hint="GetToken and GetResource fail until kbs.url / --kbs-url is set")

@@ -1,7 +1,8 @@
 """The one place that chooses the attester. Orchestrator.
 
-The sample TEE is used only when asked for by name; `auto` probes real TEE interfaces in the reference
-order and never falls back to the mock.
+`tee = "tdx" | "snp"` selects that attester by name (its interfaces are only used when evidence is asked for);
+`auto` probes the interfaces in the reference order (`agent.tee.detect`) and never falls back to the mock; the
+sample TEE is used only when asked for by name.
 """
 
 from __future__ import annotations
@@ -10,20 +11,38 @@ import structlog
 
 from agent.config import Config
 from agent.errors import TeeUnavailable
-from agent.tee import sample
+from agent.tee import sample, tsm
 from agent.tee.base import Attester
+from agent.tee.detect import detect
+from agent.tee.snp_attester import SnpAttester
+from agent.tee.tdx_attester import TdxAttester
 
 __all__ = ["make_attester"]
 
 log = structlog.get_logger("agent.tee")
 
 
-def make_attester(config: Config) -> Attester:
-    if config.tee == "sample":
+def make_attester(config: Config, *, fsops: tsm.FsOps | None = None) -> Attester:
+    """The attester for `config.tee`; `fsops` replaces the configfs calls (tests)."""
+    name = config.tee
+    if name == "sample":
         log.warning("tee.sample.insecure", warning=sample.WARNING)
         return sample.SampleAttester()
-    msg = (
-        "no supported TEE was found (checked: TDX configfs-tsm and /dev/tdx_guest, SEV-SNP /dev/sev-guest); "
-        "for development without hardware, ask for the mock TEE by name with --tee sample"
-    )
-    raise TeeUnavailable(msg)
+    if name == "auto":
+        detection = detect(config.tee_paths, fsops=fsops)
+        if detection.tee is None:
+            msg = (
+                f"no supported TEE was found (checked: {detection.summary()}); run `cvm-agent tee --probe` for "
+                "details; for development without hardware, ask for the mock TEE by name with --tee sample"
+            )
+            raise TeeUnavailable(msg)
+        name = detection.tee
+        log.info("tee.detected", tee=name, checks=[check.line() for check in detection.checks])
+    else:
+        log.info("tee.selected", tee=name, reason="asked for by name")
+    if name == "tdx":
+        return TdxAttester(config.tee_paths, fsops=fsops)
+    if name == "snp":
+        return SnpAttester(config.tee_paths, vmpl=config.snp.vmpl, fsops=fsops)
+    msg = f"unknown tee {name!r}"  # config validation makes this unreachable
+    raise ValueError(msg)

@@ -53,7 +53,7 @@ format = "json"
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"tee": "tdx2"}, "`tee` is 'tdx2', expected one of: auto, sample"),
+        ({"tee": "tdx2"}, "`tee` is 'tdx2', expected one of: auto, tdx, snp, sample"),
         ({"teee": "sample"}, "`teee` is not a known key"),
         ({"kbs": {"url": "ftp://x"}}, "`kbs.url` is 'ftp://x', expected an http:// or https:// URL with a host"),
         ({"kbs": {"url": "http://"}}, "`kbs.url` is 'http://'"),
@@ -107,3 +107,68 @@ def test_describe_round_trips_values() -> None:
     described = config.from_mapping({"tee": "sample", "kbs": {"url": "http://127.0.0.1:8080"}}).describe()
     assert described["tee"] == "sample"
     assert described["kbs"]["url"] == "http://127.0.0.1:8080"
+
+
+def test_tee_names_and_hardware_tables() -> None:
+    for name in ("auto", "tdx", "snp", "sample"):
+        assert config.from_mapping({"tee": name}).tee == name
+    cfg = config.from_mapping(
+        {
+            "snp": {"vmpl": 2},
+            "tee_paths": {"tsm_report_dir": "/emu/tsm/report", "ccel_data": "/emu/CCEL"},
+        }
+    )
+    assert cfg.snp.vmpl == 2
+    assert cfg.tee_paths.tsm_report_dir == "/emu/tsm/report"
+    assert cfg.tee_paths.ccel_data == "/emu/CCEL"
+    assert cfg.tee_paths.sev_guest_device == "/dev/sev-guest"  # untouched keys keep the kernel's path
+    described = cfg.describe()
+    assert described["snp"] == {"vmpl": 2}
+    assert described["tee_paths"]["tsm_report_dir"] == "/emu/tsm/report"
+    assert set(described["tee_paths"]) == set(config.TEE_PATH_FLAGS)
+
+
+def test_default_tee_paths_are_the_kernel_interfaces() -> None:
+    paths = config.TeePaths()
+    assert paths.describe() == {
+        "tsm_report_dir": "/sys/kernel/config/tsm/report",
+        "tdx_guest_device": "/dev/tdx_guest",
+        "sev_guest_device": "/dev/sev-guest",
+        "sev_guest_platform_dir": "/sys/devices/platform/sev-guest",
+        "tdx_measurements_dir": "/sys/devices/virtual/misc/tdx_guest/measurements",
+        "ccel_data": "/sys/firmware/acpi/tables/data/CCEL",
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"snp": {"vmpl": 4}}, "`snp.vmpl` is 4, expected a whole number from 0 to 3"),
+        ({"snp": {"vmpl": True}}, "`snp.vmpl` is True"),
+        ({"snp": {"vmpls": 0}}, "`snp.vmpls` is not a known key"),
+        ({"tee_paths": {"ccel": "/x"}}, "`tee_paths.ccel` is not a known key"),
+        ({"tee_paths": {"ccel_data": "relative/CCEL"}}, "'relative/CCEL', expected an absolute"),
+        ({"tee_paths": {"tdx_guest_device": 3}}, "`tee_paths.tdx_guest_device` is 3"),
+        ({"tee_paths": "x"}, "`tee_paths` is 'x', expected a table"),
+    ],
+)
+def test_invalid_hardware_values(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping(data)
+    assert message in str(info.value)
+
+
+def test_hardware_overrides_name_the_flag() -> None:
+    cfg = config.Config()
+    with pytest.raises(ConfigError, match="`--snp-vmpl` is 7"):
+        cfg.with_overrides(snp_vmpl=7)
+    with pytest.raises(ConfigError, match="`--ccel-data` is 'x'"):
+        cfg.with_overrides(tee_paths={"ccel_data": "x"})
+    with pytest.raises(ValueError, match="unknown tee_paths key"):
+        cfg.with_overrides(tee_paths={"nope": "/x"})
+    overridden = cfg.with_overrides(
+        tee="snp", snp_vmpl=1, tee_paths={"sev_guest_device": "/emu/sev-guest", "tsm_report_dir": None}
+    )
+    assert (overridden.tee, overridden.snp.vmpl) == ("snp", 1)
+    assert overridden.tee_paths.sev_guest_device == "/emu/sev-guest"
+    assert overridden.tee_paths.tsm_report_dir == config.TeePaths().tsm_report_dir
