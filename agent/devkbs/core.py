@@ -4,7 +4,8 @@ Behaves as Trustee's KBS does for the sample TEE (kbs-protocol.md §2-§10): the
 `kbs-session-id` cookie with an `Expires` attribute, the report-data binding check, ES256 EAR-style tokens
 carrying `tee-pubkey`, JWE responses, and Trustee's status codes and `{"type","detail"}` error bodies (almost
 every error is 401). It is a development tool: its tokens are signed by an ephemeral key and it allows any
-evidence that binds correctly, including the mock `sample` TEE.
+evidence that binds correctly, including the mock `sample` TEE. TDX and SNP evidence is checked for structure
+and binding only (`agent.devkbs.verifiers`): no quote or report signature is verified.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from agent.devkbs.verifiers import HARDWARE_VERIFIERS
 from agent.kbs import jwe
 from agent.kbs.jcs import canonicalize
 
@@ -131,7 +133,7 @@ class DevKbsCore:
         self.session_s = session_minutes * 60
         self.token_s = token_minutes * 60
         self.clock = clock
-        self.verifiers: dict[str, Verifier] = {"sample": verify_sample, **(verifiers or {})}
+        self.verifiers: dict[str, Verifier] = {"sample": verify_sample, **HARDWARE_VERIFIERS, **(verifiers or {})}
         self._signer = ec.generate_private_key(ec.SECP256R1())
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
