@@ -32,13 +32,35 @@ def _socket_default() -> str:
     return os.environ.get("CVM_AGENT_SOCKET", DEFAULT_SOCKET)
 
 
+_TEE_PATH_HELP = {
+    "tsm_report_dir": "configfs-tsm report directory (default /sys/kernel/config/tsm/report)",
+    "tdx_guest_device": "TDX guest device (default /dev/tdx_guest)",
+    "sev_guest_device": "SEV-SNP guest device (default /dev/sev-guest)",
+    "sev_guest_platform_dir": "SEV-SNP platform device directory (default /sys/devices/platform/sev-guest)",
+    "tdx_measurements_dir": "TDX measurement registers, Linux >= 6.16 "
+    "(default /sys/devices/virtual/misc/tdx_guest/measurements)",
+    "ccel_data": "CCEL event log data (default /sys/firmware/acpi/tables/data/CCEL)",
+}
+
+
+def _add_tee_flags(p: argparse.ArgumentParser, *, config: bool = True) -> None:
+    """--config, --tee, --snp-vmpl and one flag per `tee_paths` key."""
+    from agent.config import TEE_PATH_FLAGS
+
+    if config:
+        p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--tee", metavar="NAME", help="TEE to use: auto (default: probe tdx, then snp), tdx, snp or sample")
+    p.add_argument("--snp-vmpl", metavar="N", type=int, help="VMPL of SNP reports, 0..3 (overrides snp.vmpl)")
+    for key, flag in TEE_PATH_FLAGS.items():
+        p.add_argument(flag, metavar="PATH", dest=f"path_{key}", help=_TEE_PATH_HELP[key])
+
+
 def _add_daemon_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--socket", metavar="PATH", help="listen address: PATH, unix:PATH or loopback HOST:PORT")
     p.add_argument("--kbs-url", metavar="URL", help="Key Broker Service URL (overrides kbs.url)")
     p.add_argument("--kbs-cert", metavar="PEM_FILE", help="extra CA certificate for HTTPS to the KBS")
-    p.add_argument("--tee", metavar="NAME", help="TEE to use: auto (default) or sample (mock, insecure)")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    _add_tee_flags(p)
 
 
 def _add_client_socket(p: argparse.ArgumentParser) -> None:
@@ -101,11 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="print the configuration the daemon would use", epilog=_EPILOG)
     _add_daemon_flags(p)
 
-    p = sub.add_parser("tee", help="print the TEE type the running agent uses", epilog=_EPILOG)
+    p = sub.add_parser("tee", help="print the TEE type the running agent uses, or --probe here", epilog=_EPILOG)
     _add_client_socket(p)
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="run TEE detection here (no agent needed) and print the TEE and one line per interface checked",
+    )
+    _add_tee_flags(p)
     p = sub.add_parser("evidence", help="print evidence from the running agent", epilog=_EPILOG)
     _add_client_socket(p)
     p.add_argument("--runtime-data", metavar="B64", default="", help="report data, standard base64 (default empty)")
+    p.add_argument(
+        "--decode",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="print the fields of the evidence (or of FILE: TDX quote, TD report, SNP report, evidence JSON; - for "
+        "stdin) instead of the raw JSON",
+    )
+    p.add_argument("--json", action="store_true", help="with --decode: print the decoded fields as JSON")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="with --decode: take evidence from the TEE directly (no agent), using --config/--tee/path flags",
+    )
+    _add_tee_flags(p)
     p = sub.add_parser("token", help="print a KBS token and TEE key pair (JSON) from the agent", epilog=_EPILOG)
     _add_client_socket(p)
     p.add_argument("--type", default="kbs", dest="token_type", help="token type (default kbs)")
@@ -140,13 +183,107 @@ def _error(text: str) -> None:
 def _load_config(args: argparse.Namespace) -> Any:
     from agent import config
 
-    return config.load(args.config).with_overrides(
-        tee=args.tee,
-        socket=args.socket,
-        kbs_url=args.kbs_url,
-        kbs_cert=args.kbs_cert,
-        log_level=args.log_level,
+    return config.load(getattr(args, "config", None)).with_overrides(
+        tee=getattr(args, "tee", None),
+        socket=getattr(args, "socket", None),
+        kbs_url=getattr(args, "kbs_url", None),
+        kbs_cert=getattr(args, "kbs_cert", None),
+        log_level=getattr(args, "log_level", None),
+        snp_vmpl=getattr(args, "snp_vmpl", None),
+        tee_paths={key: getattr(args, f"path_{key}", None) for key in config.TEE_PATH_FLAGS},
     )
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    from agent.config import TEE_PATH_FLAGS
+
+    names = {"--config": "config", "--tee": "tee", "--snp-vmpl": "snp_vmpl"}
+    names.update({f: f"path_{k}" for k, f in TEE_PATH_FLAGS.items()})
+    return getattr(args, names[flag], None) is not None
+
+
+def _probe(args: argparse.Namespace) -> int:
+    """`cvm-agent tee --probe`: detection here, in this process; exit 0 when a TEE was found, 1 when none."""
+    from agent import log
+    from agent.tee.detect import detect
+
+    cfg = _load_config(args)
+    log.configure("warning", cfg.log.format)
+    detection = detect(cfg.tee_paths)
+    print(f"tee: {detection.tee or 'none'}")
+    for check in detection.checks:
+        print(f"  {check.line()}")
+    if detection.tee is None:
+        print("  (no hardware TEE found; the mock TEE is used only when asked for by name: --tee sample)")
+        return EXIT_FAILURE
+    if cfg.tee not in ("auto", detection.tee):
+        print(f"  (the configuration asks for tee {cfg.tee!r}, which is what `serve` would use)")
+    return EXIT_OK
+
+
+def _local_evidence(args: argparse.Namespace, runtime_data: bytes) -> bytes:
+    import asyncio
+
+    from agent import log
+    from agent.tee.select import make_attester
+
+    cfg = _load_config(args)
+    log.configure("warning", cfg.log.format)
+    attester = make_attester(cfg)
+    return asyncio.run(attester.get_evidence(runtime_data))
+
+
+def _decode(args: argparse.Namespace, runtime_data: bytes) -> int:
+    """`cvm-agent evidence --decode [FILE]`: decoded fields of a file, of local evidence or of the agent's."""
+    from pathlib import Path
+
+    from agent.errors import AgentError
+    from agent.tee.decode import decode, format_text
+
+    flags = [f for f in ("--config", "--tee", "--snp-vmpl", *_path_flags()) if _given(args, f)]
+    if args.decode and (args.local or runtime_data):
+        _error("--decode FILE reads the file; it takes neither --local nor --runtime-data")
+        return EXIT_USAGE
+    if flags and not args.local:
+        _error(f"{flags[0]} applies only with --decode --local (evidence straight from the TEE)")
+        return EXIT_USAGE
+    try:
+        if args.decode == "-":
+            data = sys.stdin.buffer.read()
+        elif args.decode:
+            data = Path(args.decode).read_bytes()
+        elif args.local:
+            data = _local_evidence(args, runtime_data)
+        else:
+            data = _agent_evidence(args.socket, runtime_data)
+        decoded = decode(data)
+    except AgentError as exc:
+        _error(exc.diagnostics())
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(decoded, indent=2))
+    else:
+        sys.stdout.write(format_text(decoded))
+    return EXIT_OK
+
+
+def _path_flags() -> tuple[str, ...]:
+    from agent.config import TEE_PATH_FLAGS
+
+    return tuple(TEE_PATH_FLAGS.values())
+
+
+def _agent_evidence(socket: str | None, runtime_data: bytes) -> bytes:
+    from agent.api._gen import attestation_agent_pb2 as aa
+
+    reply = _call(
+        socket,
+        "/attestation_agent.AttestationAgentService/GetEvidence",
+        aa.GetEvidenceRequest(RuntimeData=runtime_data),
+        aa.GetEvidenceResponse,
+    )
+    evidence: bytes = reply.Evidence
+    return evidence
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -174,28 +311,51 @@ def _call(socket: str | None, path: str, request: Any, response_type: Any) -> An
     return call(socket or _socket_default(), path, request, response_type)
 
 
+def _tee_command(args: argparse.Namespace) -> int:
+    from agent.api._gen import attestation_agent_pb2 as aa
+
+    if args.probe:
+        return _probe(args)
+    flags = [f for f in ("--config", "--tee", "--snp-vmpl", *_path_flags()) if _given(args, f)]
+    if flags:
+        _error(f"{flags[0]} applies only with --probe (the running agent has its own configuration)")
+        return EXIT_USAGE
+    service = "/attestation_agent.AttestationAgentService/"
+    reply = _call(args.socket, service + "GetTeeType", aa.GetTeeTypeRequest(), aa.GetTeeTypeResponse)
+    print(reply.tee)
+    return EXIT_OK
+
+
+def _evidence_command(args: argparse.Namespace) -> int:
+    try:
+        runtime_data = base64.b64decode(args.runtime_data, validate=True)
+    except binascii.Error:
+        _error("--runtime-data is not valid standard base64")
+        return EXIT_USAGE
+    if args.decode is not None:
+        return _decode(args, runtime_data)
+    if args.json or args.local:
+        _error("--json and --local apply only with --decode")
+        return EXIT_USAGE
+    flags = [f for f in ("--config", "--tee", "--snp-vmpl", *_path_flags()) if _given(args, f)]
+    if flags:
+        _error(f"{flags[0]} applies only with --decode --local")
+        return EXIT_USAGE
+    evidence = _agent_evidence(args.socket, runtime_data)
+    sys.stdout.write(evidence.decode("utf-8", "replace") + "\n")
+    return EXIT_OK
+
+
 def _client(args: argparse.Namespace) -> int:
     from agent.api._gen import api_pb2
     from agent.api._gen import attestation_agent_pb2 as aa
 
     service = "/attestation_agent.AttestationAgentService/"
     if args.command == "tee":
-        reply = _call(args.socket, service + "GetTeeType", aa.GetTeeTypeRequest(), aa.GetTeeTypeResponse)
-        print(reply.tee)
-    elif args.command == "evidence":
-        try:
-            runtime_data = base64.b64decode(args.runtime_data, validate=True)
-        except binascii.Error:
-            _error("--runtime-data is not valid standard base64")
-            return EXIT_USAGE
-        reply = _call(
-            args.socket,
-            service + "GetEvidence",
-            aa.GetEvidenceRequest(RuntimeData=runtime_data),
-            aa.GetEvidenceResponse,
-        )
-        sys.stdout.write(reply.Evidence.decode("utf-8", "replace") + "\n")
-    elif args.command == "token":
+        return _tee_command(args)
+    if args.command == "evidence":
+        return _evidence_command(args)
+    if args.command == "token":
         reply = _call(
             args.socket,
             service + "GetToken",
