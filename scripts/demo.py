@@ -2,11 +2,18 @@
 
 Starts `cvm-agent dev-kbs` with a demo secret and `cvm-agent serve --tee sample`, then uses the client commands
 exactly as a user would: the TEE type, decoded evidence, and the secret fetched through attestation. Stops both.
+
+`python scripts/demo.py --emulate tdx` (or `snp`) runs the same with emulated hardware instead of the mock: a FUSE
+emulation of the kernel's configfs-tsm (tests/fakes/tsmfs.py; needs /dev/fuse, libfuse 3 and mfusepy) serves real
+TD quote / SNP report templates with the agent's report data spliced in, the agent finds the TEE with `--tee auto`,
+and the dev KBS checks the binding inside the quote or report (it does not verify signatures).
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -15,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -127,8 +135,71 @@ def image_layer_key(root: Path, kbs_url: str, agent_socket: str) -> None:
         stop(owner, "keyprovider")
 
 
-def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="cvm-agent-demo-") as tmp:
+@contextlib.contextmanager
+def emulated_tee(kind: str | None, root: Path) -> Iterator[list[str]]:
+    """The `serve` flags for the TEE: `--tee sample`, or `--tee auto` and paths into an emulated configfs-tsm."""
+    if kind is None:
+        yield ["--tee", "sample"]
+        return
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from tests.fakes import tsmfs
+
+    problem = tsmfs.fuse_unavailable_reason()
+    if problem is not None:
+        msg = f"--emulate needs FUSE: {problem}"
+        raise SystemExit(msg)
+    provider: Literal["tdx_guest", "sev_guest"] = "tdx_guest" if kind == "tdx" else "sev_guest"
+    absent = root / "absent"
+    platform = root / "platform" / "sev-guest"
+    if kind == "snp":
+        platform.mkdir(parents=True)
+    step(f"mounting the configfs-tsm emulation (provider {provider})")
+    with tsmfs.mounted_tsm(tsmfs.TsmFsOptions(provider=provider), workdir=root) as mount:
+        print(f"    {mount.root}")
+        yield [
+            "--tee",
+            "auto",
+            "--tsm-report-dir",
+            str(mount.root),
+            "--tdx-guest-device",
+            str(absent / "tdx_guest"),
+            "--sev-guest-device",
+            str(absent / "sev-guest"),
+            "--sev-guest-platform-dir",
+            str(platform),
+            "--tdx-measurements-dir",
+            str(absent / "measurements"),
+            "--ccel-data",
+            str(absent / "CCEL"),
+        ]
+
+
+def show_evidence(agent_socket: str, tee_flags: list[str], emulated: bool) -> None:
+    runtime = base64.b64encode(b"hello from the demo").decode()
+    if not emulated:
+        step("cvm-agent evidence --runtime-data <base64 of 'hello from the demo'>")
+        evidence = json.loads(run("evidence", "--socket", agent_socket, "--runtime-data", runtime))
+        print(f"    evidence: {json.dumps(evidence)}")
+        print(f"    decoded report_data: {base64.b64decode(evidence['report_data'])!r}")
+        return
+    step("cvm-agent tee --probe  (detection, run here with the same paths)")
+    probe_flags = [f for f in tee_flags if f not in ("--tee", "auto")]
+    for line in run("tee", "--probe", *probe_flags).decode().splitlines():
+        print(f"    {line}")
+    step("cvm-agent evidence --decode --runtime-data <base64 of 'hello from the demo'>")
+    decoded = run("evidence", "--decode", "--socket", agent_socket, "--runtime-data", runtime).decode()
+    for line in decoded.splitlines()[:24]:
+        print(f"    {line}")
+    print("    ...")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--emulate", choices=["tdx", "snp"], help="emulated hardware instead of the mock TEE")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cvm-agent-demo-") as tmp, emulated_tee(args.emulate, Path(tmp)) as tee:
         root = Path(tmp)
         secret_dir = root / "resources" / "default" / "demo"
         secret_dir.mkdir(parents=True)
@@ -171,13 +242,14 @@ def main() -> int:
             kbs_url = banner.rsplit(" ", 1)[1]
             print(f"    {banner}")
 
-            step("starting the agent in mock-TEE mode (--tee sample)")
+            mode = "mock-TEE mode (--tee sample)" if args.emulate is None else f"emulated {args.emulate} (--tee auto)"
+            step(f"starting the agent in {mode}")
             notify_path = str(root / "notify")
             notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             notify.bind(notify_path)
             notify.settimeout(30)
             agent = subprocess.Popen(
-                cvm_agent("serve", "--tee", "sample", "--kbs-url", kbs_url, "--socket", agent_socket),
+                cvm_agent("serve", *tee, "--kbs-url", kbs_url, "--socket", agent_socket),
                 stderr=(root / "agent.log").open("wb"),
                 env={**os.environ, "NOTIFY_SOCKET": notify_path},
             )
@@ -193,11 +265,7 @@ def main() -> int:
             step("cvm-agent tee")
             print("    " + run("tee", "--socket", agent_socket).decode().strip())
 
-            step("cvm-agent evidence --runtime-data <base64 of 'hello from the demo'>")
-            runtime = base64.b64encode(b"hello from the demo").decode()
-            evidence = json.loads(run("evidence", "--socket", agent_socket, "--runtime-data", runtime))
-            print(f"    evidence: {json.dumps(evidence)}")
-            print(f"    decoded report_data: {base64.b64decode(evidence['report_data'])!r}")
+            show_evidence(agent_socket, tee, args.emulate is not None)
 
             step("cvm-agent resource kbs:///default/demo/secret  (auth -> attest -> JWE resource)")
             secret = run("resource", "kbs:///default/demo/secret", "--socket", agent_socket)
