@@ -708,16 +708,20 @@ PROPERTY_SETTINGS = settings(
 @PROPERTY_SETTINGS
 @given(chunks=chunked())
 def test_random_frames_do_not_hurt_the_server(live: tuple[ThreadedServer, int], chunks: list[bytes]) -> None:
-    srv, baseline = live
+    srv, _ = live
+    # The baseline is taken per example: earlier tests in the same process may still be releasing descriptors
+    # of their own, which would make a module-wide baseline wrong; a server leak still shows as +1 here.
+    before = fd_count()
     throw(srv.path, chunks)
     blocking_echo(srv.path)
-    wait_for(lambda: srv.server.connection_count == 0 and fd_count() == baseline)
+    wait_for(lambda: srv.server.connection_count == 0 and fd_count() <= before)
 
 
 @PROPERTY_SETTINGS
 @given(data=st.data())
 def test_truncated_frames_do_not_leak(live: tuple[ThreadedServer, int], data: st.DataObject) -> None:
-    srv, baseline = live
+    srv, _ = live
+    before = fd_count()
     frame = encode_frame(
         data.draw(st.integers(0, 100)) * 2 + 1,
         MessageType.REQUEST,
@@ -726,4 +730,4 @@ def test_truncated_frames_do_not_leak(live: tuple[ThreadedServer, int], data: st
     cut = data.draw(st.integers(1, len(frame) - 1))
     throw(srv.path, [frame[:cut]])
     blocking_echo(srv.path)
-    wait_for(lambda: srv.server.connection_count == 0 and fd_count() == baseline)
+    wait_for(lambda: srv.server.connection_count == 0 and fd_count() <= before)
