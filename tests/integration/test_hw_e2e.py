@@ -135,3 +135,29 @@ def test_snp_ioctl_firmware_error_reaches_the_caller(
     assert "0x16 INVALID_PARAM" in message
     assert "Check:" in message
     assert message.count("\n") == 1
+
+
+def test_bind_init_data_over_grpc(tmp_path: Path, tdx_tsm: MountedTsm, dev_kbs: DevKbsServer) -> None:
+    """BindInitData on TDX compares with MRCONFIGID from the (here emulated) 6.16 sysfs registers."""
+    from agent.api._gen import attestation_agent_pb2 as aa
+    from agent.client import CallFailed, call
+
+    digest = bytes(range(32))
+    folder = tmp_path / "measurements"
+    folder.mkdir()
+    (folder / "mrconfigid").write_bytes(digest + bytes(16))
+    (folder / "mrtd:sha384").write_bytes(bytes(48))
+    for i in range(4):
+        (folder / f"rtmr{i}:sha384").write_bytes(bytes(48))
+    flags = [*path_flags(tmp_path, tsm_root=tdx_tsm.root), "--tdx-measurements-dir", str(folder)]
+    daemon = HwDaemon(tmp_path, "--kbs-url", dev_kbs.url, *flags)
+    path = "/attestation_agent.AttestationAgentService/BindInitData"
+    try:
+        daemon.wait_ready()
+        call(daemon.socket, path, aa.BindInitDataRequest(Digest=digest), aa.BindInitDataResponse)
+        with pytest.raises(CallFailed) as info:
+            call(daemon.socket, path, aa.BindInitDataRequest(Digest=b"\x01" * 48), aa.BindInitDataResponse)
+    finally:
+        assert daemon.stop() == 0
+    assert info.value.code == "FAILED_PRECONDITION"
+    assert f"MRCONFIGID is {(digest + bytes(16)).hex()}, expected {('01' * 48)}" in str(info.value)
