@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from agent.devkbs.verifiers import HARDWARE_VERIFIERS
+from agent.devkbs.verifiers import HARDWARE_VERIFIERS, init_data_digest
 from agent.kbs import jwe
 from agent.kbs.jcs import canonicalize
 
@@ -297,11 +297,10 @@ class DevKbsCore:
             if verifier is None:
                 return self._reject_attest()
             claims = verifier(session.tee, primary, digest, init_toml)
+            # Trustee hashes the init-data with its own `algorithm`; a malformed TOML fails /attest for every tee
+            init_claim = base64.b64encode(init_data_digest(init_toml)).decode() if init_toml is not None else None
         except (ValueError, KeyError, TypeError, AttributeError):
             return self._reject_attest()
-        init_claim = (
-            base64.b64encode(hashlib.sha384(init_toml.encode()).digest()).decode() if init_toml is not None else None
-        )
         session.token = self.issue_token(session.tee, claims, {"nonce": nonce, "tee-pubkey": pubkey}, init_claim)
         with self._lock:
             self.counters["attest"] += 1

@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-from agent.errors import EvidenceParseError
+from agent.errors import ConfigError, EvidenceParseError
+from agent.initdata import binding_value, parse_initdata
 from agent.tee import ccel, snp, tdx
 
 __all__ = ["HARDWARE_VERIFIERS", "verify_snp", "verify_tdx"]
 
-_INIT_ALGORITHMS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 _TDX_KEYS = ("cc_eventlog", "quote")
 _SNP_KEYS = ("attestation_report", "cert_chain")
 _SNP_VERSIONS = (2, 3, 4, 5)
@@ -57,22 +55,12 @@ def _keys(evidence: object, expected: tuple[str, ...], tee: str) -> Mapping[str,
     return evidence
 
 
-def _init_data_digest(init_data: str) -> bytes:
-    """Digest of the exact init-data TOML text with its `algorithm` (kbs-protocol.md §5.3)."""
+def init_data_digest(init_data: str) -> bytes:
+    """Digest of the exact init-data TOML text with its `algorithm` (kbs-protocol.md §5.3); ValueError if bad."""
     try:
-        parsed = tomllib.loads(init_data)
-    except tomllib.TOMLDecodeError as exc:
-        msg = f"init-data is not valid TOML: {exc}"
-        raise ValueError(msg) from exc
-    algorithm = parsed.get("algorithm")
-    if algorithm not in _INIT_ALGORITHMS or not isinstance(parsed.get("data", {}), Mapping):
-        msg = f"init-data `algorithm` is {algorithm!r}, expected one of {sorted(_INIT_ALGORITHMS)}"
-        raise ValueError(msg)
-    return _INIT_ALGORITHMS[algorithm](init_data.encode()).digest()
-
-
-def _fit(data: bytes, size: int) -> bytes:
-    return data[:size].ljust(size, b"\x00")
+        return parse_initdata(init_data.encode("utf-8"), source="init-data").digest
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def verify_tdx(tee: str, evidence: object, digest: bytes, init_data: str | None) -> dict[str, Any]:
@@ -87,7 +75,7 @@ def verify_tdx(tee: str, evidence: object, digest: bytes, init_data: str | None)
     except EvidenceParseError as exc:
         raise ValueError(str(exc)) from exc
     body = quote.body
-    if body.report_data != _fit(digest, 64):
+    if body.report_data != binding_value(digest, 64):
         msg = "TDX REPORTDATA does not match the runtime data digest (zero-padded to 64 bytes)"
         raise ValueError(msg)
     if eventlog is not None:
@@ -120,7 +108,7 @@ def verify_tdx(tee: str, evidence: object, digest: bytes, init_data: str | None)
     if body.mr_servicetd is not None:
         claims["quote"]["body"]["mr_servicetd"] = body.mr_servicetd.hex()
     if init_data is not None:
-        expected = _fit(_init_data_digest(init_data), 48)
+        expected = binding_value(init_data_digest(init_data), 48)
         if body.mr_config_id != expected:
             msg = "TDX MRCONFIGID does not match the init-data digest (zero-padded to 48 bytes)"
             raise ValueError(msg)
@@ -142,7 +130,7 @@ def verify_snp(tee: str, evidence: object, digest: bytes, init_data: str | None)
     if report.vmpl != 0:
         msg = f"SNP report VMPL is {report.vmpl}, expected 0"
         raise ValueError(msg)
-    if report.report_data != _fit(digest, 64):
+    if report.report_data != binding_value(digest, 64):
         msg = "SNP REPORT_DATA does not match the runtime data digest (zero-padded to 64 bytes)"
         raise ValueError(msg)
     reported = report.tcb(report.reported_tcb)
@@ -168,7 +156,7 @@ def verify_snp(tee: str, evidence: object, digest: bytes, init_data: str | None)
         "cert_chain": None if certs is None else [e.cert_type.name for e in certs.entries],
     }
     if init_data is not None:
-        expected = _fit(_init_data_digest(init_data), 32)
+        expected = binding_value(init_data_digest(init_data), 32)
         if report.host_data != expected:
             msg = "SNP HOST_DATA does not match the init-data digest (zero-padded/truncated to 32 bytes)"
             raise ValueError(msg)
