@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tee", help="auto (default), tdx, snp, or sample (the mock TEE, insecure)")
     parser.add_argument("--kernel-cmdline", metavar="PATH", help="read kernel parameters here (default /proc/cmdline)")
     parser.add_argument("--log-level", help="debug, info, warning or error (default: RUST_LOG, then [log] level)")
+    from agent.config import TEE_PATH_FLAGS
+
+    for key, flag in TEE_PATH_FLAGS.items():  # cvm-agent extensions: point the TEE interfaces at emulators
+        parser.add_argument(flag, dest=key, metavar="PATH", help=argparse.SUPPRESS)
     return parser
 
 
@@ -58,7 +62,7 @@ def _choose_tee(flag: str | None, settings: AaSettings, cmdline: str) -> tuple[s
 async def run(args: argparse.Namespace) -> int:
     from agent.api.methods import build_methods
     from agent.api.ttrpc_service import build_ttrpc_server
-    from agent.config import Config
+    from agent.config import TEE_PATH_FLAGS, Config
     from agent.initdata import decode_digest_argument, parse_initdata
     from agent.kbs.client import KbsClient
     from agent.service import AttestationAgent
@@ -81,7 +85,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     cmdline = common.read_kernel_cmdline(args.kernel_cmdline)
     tee, tee_source = _choose_tee(args.tee, settings, cmdline)
-    config = Config().with_overrides(tee=tee)
+    config = Config().with_overrides(tee=tee, tee_paths={key: getattr(args, key) for key in TEE_PATH_FLAGS})
 
     attester = make_attester(config)
     kbc, kbc_source = common.discover_kbc(settings.kbs_url, cmdline)
