@@ -58,6 +58,8 @@ def _add_tee_flags(p: argparse.ArgumentParser, *, config: bool = True) -> None:
 def _add_daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", metavar="PATH", help="listen address: PATH, unix:PATH or loopback HOST:PORT")
     p.add_argument("--kbs-url", metavar="URL", help="Key Broker Service URL (overrides kbs.url)")
+    p.add_argument("--ttrpc-aa-socket", metavar="PATH", help="also serve the AA over ttRPC here ('' = off)")
+    p.add_argument("--ttrpc-cdh-socket", metavar="PATH", help="also serve the data hub over ttRPC here ('' = off)")
     p.add_argument("--kbs-cert", metavar="PEM_FILE", help="extra CA certificate for HTTPS to the KBS")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     _add_tee_flags(p)
@@ -191,6 +193,8 @@ def _load_config(args: argparse.Namespace) -> Any:
         log_level=getattr(args, "log_level", None),
         snp_vmpl=getattr(args, "snp_vmpl", None),
         tee_paths={key: getattr(args, f"path_{key}", None) for key in config.TEE_PATH_FLAGS},
+        ttrpc_aa_socket=getattr(args, "ttrpc_aa_socket", None),
+        ttrpc_cdh_socket=getattr(args, "ttrpc_cdh_socket", None),
     )
 
 

@@ -8,6 +8,9 @@ Example (`cvm-agent serve --config agent.toml`):
     tee = "sample"                      # "auto" (default) probes tdx, then snp; "tdx", "snp"; "sample" is the mock
     socket = "/run/confidential-containers/cvm-agent/agent.sock"
     grpc_listen = ["127.0.0.1:50002"]   # optional extra loopback TCP listeners
+    # optional: also serve ttRPC on the reference sockets (one daemon for every role; "" or absent = off)
+    ttrpc_aa_socket = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
+    ttrpc_cdh_socket = "/run/confidential-containers/cdh.sock"
 
     [kbs]
     url = "https://kbs.example:8080"
@@ -200,6 +203,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     snp: SnpConfig = field(default_factory=SnpConfig)
     tee_paths: TeePaths = field(default_factory=TeePaths)
+    # ttRPC on the reference sockets, so one `cvm-agent serve` can stand in for the AA and the data hub too
+    ttrpc_aa_socket: str | None = None
+    ttrpc_cdh_socket: str | None = None
 
     def with_overrides(
         self,
@@ -211,6 +217,8 @@ class Config:
         log_level: str | None = None,
         snp_vmpl: int | None = None,
         tee_paths: Mapping[str, str | None] | None = None,
+        ttrpc_aa_socket: str | None = None,
+        ttrpc_cdh_socket: str | None = None,
     ) -> Config:
         """Apply command-line overrides, validating each like its config key.
 
@@ -227,6 +235,10 @@ class Config:
             cfg = replace(cfg, kbs=replace(cfg.kbs, cert_path=_cert(kbs_cert, "--kbs-cert")))
         if log_level is not None:
             cfg = replace(cfg, log=replace(cfg.log, level=_choice(log_level, LOG_LEVELS, "--log-level")))
+        if ttrpc_aa_socket is not None:
+            cfg = replace(cfg, ttrpc_aa_socket=_ttrpc_socket(ttrpc_aa_socket, "--ttrpc-aa-socket"))
+        if ttrpc_cdh_socket is not None:
+            cfg = replace(cfg, ttrpc_cdh_socket=_ttrpc_socket(ttrpc_cdh_socket, "--ttrpc-cdh-socket"))
         if snp_vmpl is not None:
             cfg = replace(cfg, snp=SnpConfig(vmpl=_integer(snp_vmpl, "--snp-vmpl", low=0, high=SNP_VMPL_MAX)))
         for name, value in (tee_paths or {}).items():
@@ -260,7 +272,20 @@ class Config:
             "log": {"level": self.log.level, "format": self.log.format},
             "snp": {"vmpl": self.snp.vmpl},
             "tee_paths": self.tee_paths.describe(),
+            "ttrpc_aa_socket": self.ttrpc_aa_socket,
+            "ttrpc_cdh_socket": self.ttrpc_cdh_socket,
         }
+
+
+def _ttrpc_socket(value: object, key: str) -> str | None:
+    """A ttRPC unix socket path (`unix:///path` or `/path`); the empty string turns the listener off."""
+    if value == "":
+        return None
+    address = parse_listen_address(value, key=key)
+    if address.unix_path is None or not address.unix_path.startswith("/"):
+        msg = f"`{key}` is {value!r}, expected an absolute unix socket path (ttRPC is unix-only)"
+        raise ConfigError(msg, key=key)
+    return address.unix_path
 
 
 def _choice(value: object, allowed: tuple[str, ...], key: str) -> str:
@@ -389,7 +414,18 @@ def _data_hub(data: Mapping[str, Any]) -> DataHubConfig:
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Build a validated Config from parsed TOML. Unknown keys are errors (typos must not pass silently)."""
-    top = {"tee", "socket", "grpc_listen", "kbs", "data_hub", "log", "snp", "tee_paths"}
+    top = {
+        "tee",
+        "socket",
+        "grpc_listen",
+        "kbs",
+        "data_hub",
+        "log",
+        "snp",
+        "tee_paths",
+        "ttrpc_aa_socket",
+        "ttrpc_cdh_socket",
+    }
     unknown = sorted(set(data) - top)
     if unknown:
         msg = f"`{unknown[0]}` is not a known key (known: {', '.join(sorted(top))})"
@@ -399,6 +435,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         cfg = replace(cfg, tee=_tee(data["tee"], "tee"))
     if "socket" in data:
         cfg = replace(cfg, socket=parse_listen_address(data["socket"], key="socket"))
+    if "ttrpc_aa_socket" in data:
+        cfg = replace(cfg, ttrpc_aa_socket=_ttrpc_socket(data["ttrpc_aa_socket"], "ttrpc_aa_socket"))
+    if "ttrpc_cdh_socket" in data:
+        cfg = replace(cfg, ttrpc_cdh_socket=_ttrpc_socket(data["ttrpc_cdh_socket"], "ttrpc_cdh_socket"))
     if "grpc_listen" in data:
         listen = data["grpc_listen"]
         if not isinstance(listen, list):

@@ -17,6 +17,8 @@ import structlog
 from agent import __version__
 from agent.api.grpc_server import GrpcServer
 from agent.api.methods import build_methods
+from agent.api.ttrpc import TtrpcServer
+from agent.api.ttrpc_service import build_ttrpc_server
 from agent.config import Config
 from agent.kbs.client import KbsClient
 from agent.service import AttestationAgent, DataHub
@@ -68,11 +70,18 @@ async def run(config: Config) -> int:
     if config.data_hub.skip_sealed_secret_verification:
         log.warning("sealed_secret.verification_disabled", warning="INSECURE: sealed secrets are not verified")
     server = GrpcServer(build_methods(aa, hub), [config.socket, *config.grpc_listen])
+    ttrpc_servers: list[tuple[str, TtrpcServer]] = []
+    if config.ttrpc_aa_socket:
+        ttrpc_servers.append((config.ttrpc_aa_socket, build_ttrpc_server(build_methods(aa, None))))
+    if config.ttrpc_cdh_socket:
+        ttrpc_servers.append((config.ttrpc_cdh_socket, build_ttrpc_server(build_methods(None, hub))))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
+    for path, ttrpc in ttrpc_servers:
+        await ttrpc.start(path)
     _notify_ready()
     log.info(
         "agent.ready",
@@ -80,6 +89,7 @@ async def run(config: Config) -> int:
         tee=attester.tee,
         socket=str(config.socket),
         grpc_listen=[str(a) for a in config.grpc_listen],
+        ttrpc=[path for path, _ in ttrpc_servers],
         kbs=config.kbs.url,
     )
     try:
@@ -87,6 +97,8 @@ async def run(config: Config) -> int:
     finally:
         log.info("agent.stopping")
         await server.stop()
+        for _, ttrpc in ttrpc_servers:
+            await ttrpc.close(grace_s=2.0)
         if kbs is not None:
             await kbs.aclose()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -163,3 +163,36 @@ def test_help_mentions_every_command() -> None:
     for command in (b"serve", b"tee", b"evidence", b"token", b"resource", b"dev-kbs", b"check-config"):
         assert command in result.stdout
     assert b"exit codes" in result.stdout
+
+
+async def test_one_daemon_serves_ttrpc_on_the_reference_sockets_too(tmp_path: Path, dev_kbs: DevKbsServer) -> None:
+    from agent.api._gen import api_pb2
+    from agent.api._gen import attestation_agent_pb2 as aa
+    from agent.api.ttrpc import TtrpcClient
+
+    aa_sock, cdh_sock = tmp_path / "t" / "aa.sock", tmp_path / "t" / "cdh.sock"
+    running = Daemon(
+        tmp_path, "--tee", "sample", "--kbs-url", dev_kbs.url,
+        "--ttrpc-aa-socket", f"unix://{aa_sock}", "--ttrpc-cdh-socket", str(cdh_sock),
+    )  # fmt: skip
+    try:
+        running.wait_ready()
+        async with TtrpcClient(str(aa_sock)) as client:
+            reply = await client.call("attestation_agent.AttestationAgentService", "GetTeeType", b"", timeout=10)
+            assert aa.GetTeeTypeResponse.FromString(reply).tee == "sample"
+        async with TtrpcClient(str(cdh_sock)) as client:
+            request = api_pb2.GetResourceRequest(ResourcePath="kbs:///default/key/1").SerializeToString()
+            reply = await client.call("api.GetResourceService", "GetResource", request, timeout=30)
+            assert api_pb2.GetResourceResponse.FromString(reply).Resource == SECRET
+        assert cli("tee", "--socket", running.socket).stdout == b"sample\n"  # gRPC as before
+        assert (aa_sock.stat().st_mode & 0o777) == 0o600
+    finally:
+        assert running.stop() == 0
+    assert not aa_sock.exists()
+    assert not cdh_sock.exists()
+
+
+def test_ttrpc_socket_must_be_a_unix_path() -> None:
+    result = cli("check-config", "--ttrpc-aa-socket", "127.0.0.1:9")
+    assert result.returncode == 2
+    assert b"expected an absolute unix socket path" in result.stderr
