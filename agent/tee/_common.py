@@ -12,7 +12,7 @@ from typing import Final
 
 from agent.errors import DeviceError, EvidenceMismatch, InvalidRequest
 
-__all__ = ["REPORT_DATA_LEN", "fit_digest", "require_init_data", "pad_report_data", "read_optional"]
+__all__ = ["REPORT_DATA_LEN", "require_init_data", "pad_report_data", "read_optional"]
 
 REPORT_DATA_LEN: Final = 64  # TDX REPORTDATA and SNP REPORT_DATA
 MAX_FILE_BYTES: Final = 16 * 1024 * 1024  # CCEL regions are a few hundred KiB to a few MiB
@@ -27,11 +27,6 @@ def pad_report_data(runtime_data: bytes, tee: str) -> bytes:
         )
         raise InvalidRequest(msg)
     return runtime_data.ljust(REPORT_DATA_LEN, b"\x00")
-
-
-def fit_digest(digest: bytes, size: int) -> bytes:
-    """An initdata digest zero-padded or truncated to `size` bytes, as the reference compares it."""
-    return digest[:size].ljust(size, b"\x00")
 
 
 def require_init_data(register: str, expected: bytes, actual: bytes) -> None:

@@ -31,9 +31,10 @@ import structlog
 
 from agent.config import TeePaths
 from agent.errors import DeviceError, EvidenceMismatch, EvidenceParseError, TeeUnavailable
+from agent.initdata import binding_value
 from agent.tee import _device, snp, tsm
 from agent.tee import _uapi as uapi
-from agent.tee._common import fit_digest, pad_report_data, require_init_data
+from agent.tee._common import pad_report_data, require_init_data
 
 __all__ = ["HOST_DATA_LEN", "SnpAttester", "SnpReport"]
 
@@ -117,7 +118,7 @@ class SnpAttester:
         return json.dumps(evidence, separators=(",", ":")).encode()
 
     async def bind_init_data(self, digest: bytes) -> None:
-        expected = fit_digest(digest, HOST_DATA_LEN)
+        expected = binding_value(digest, HOST_DATA_LEN)
         fetched = await asyncio.to_thread(self.fetch, bytes(64), want_certs=False)
         require_init_data("HOST_DATA", expected, fetched.report.host_data)
         log.info("snp.initdata.bound", source=fetched.source)

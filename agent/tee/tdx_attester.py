@@ -31,8 +31,9 @@ import structlog
 
 from agent.config import TeePaths
 from agent.errors import DeviceError, EvidenceMismatch, EvidenceParseError, TeeUnavailable
+from agent.initdata import binding_value
 from agent.tee import _device, ccel, tdx, tsm
-from agent.tee._common import fit_digest, pad_report_data, read_optional, require_init_data
+from agent.tee._common import pad_report_data, read_optional, require_init_data
 
 __all__ = ["MR_LEN", "TdxAttester", "TdxRegisters"]
 
@@ -84,7 +85,7 @@ class TdxAttester:
         return await asyncio.to_thread(self._evidence, inblob)
 
     async def bind_init_data(self, digest: bytes) -> None:
-        expected = fit_digest(digest, MR_LEN)
+        expected = binding_value(digest, MR_LEN)
         registers = await asyncio.to_thread(self.registers)
         require_init_data("MRCONFIGID", expected, registers.mr_config_id)
         log.info("tdx.initdata.bound", source=registers.source)
