@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import pytest
 
 from agent.devkbs.server import DevKbsServer
 from tests.integration.conftest import SECRET
+from tests.integration.hw_fixtures import HwDaemon
 
 pytestmark = pytest.mark.integration
 
@@ -24,38 +23,7 @@ def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, timeout=60, check=check)
 
 
-class Daemon:
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.socket = str(tmp_path / "d" / "agent.sock")
-        self.notify_path = str(tmp_path / "notify")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(self.notify_path)
-        self.notify.settimeout(20)
-        env = {**os.environ, "NOTIFY_SOCKET": self.notify_path}
-        self.log_path = tmp_path / "daemon.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve", "--socket", self.socket, *args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    def wait_ready(self) -> None:
-        message = self.notify.recv(64)
-        assert message == b"READY=1"
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=20)
-        self._log.close()
-        self.notify.close()
-        return code
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
+Daemon = HwDaemon  # `cvm-agent serve` in a subprocess, ready through NOTIFY_SOCKET
 
 
 @pytest.fixture

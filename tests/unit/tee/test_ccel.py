@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from agent.errors import EvidenceParseError
 from agent.tee import ccel, tdx
 from agent.tee.ccel import AaelEvent, TcgAlgorithm
+from tests.unit.tee.vectorutil import load_expected, put, read
 
 # (log under vectors/, key in hw/expected.json or None, Trustee's expected parse or None)
 LOGS = [
@@ -60,18 +61,9 @@ ALG_NAMES = {"SHA-384": TcgAlgorithm.SHA384, "SHA-256": TcgAlgorithm.SHA256, "SM
 GC_HEADER_HEX = "0000000003000000" + "00" * 20 + "25000000" + "00" * 16 + "0000000000000000020000000c0030001200200000"
 
 
-def read(vectors: Path, rel: str) -> bytes:
-    return (vectors / rel).read_bytes()
-
-
 @pytest.fixture(scope="module")
 def expected(vectors: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads((vectors / "hw/expected.json").read_text())
-    return result
-
-
-def put(data: bytes, offset: int, value: bytes) -> bytes:
-    return data[:offset] + value + data[offset + len(value) :]
+    return load_expected(vectors)
 
 
 class TestLogVectors:

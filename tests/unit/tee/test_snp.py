@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from agent.errors import EvidenceParseError
 from agent.tee import snp
 from agent.tee.snp import CertTable, CertType, TcbLayout
+from tests.unit.tee.vectorutil import flip, load_expected, put, read
 
 REPORTS = [
     ("hw/snp/report_v2_milan_gosevguest.bin", "snp/report_v2_milan_gosevguest.bin"),
@@ -49,22 +50,9 @@ TABLE = "hw/snp/cert_table_SYNTH_milan_gosevguest.bin"
 E2E = "trustee/snp/snp-evidence-e2e.json"
 
 
-def read(vectors: Path, rel: str) -> bytes:
-    return (vectors / rel).read_bytes()
-
-
 @pytest.fixture(scope="module")
 def expected(vectors: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads((vectors / "hw/expected.json").read_text())
-    return result
-
-
-def flip(data: bytes, offset: int, value: int = 0x01) -> bytes:
-    return data[:offset] + bytes((data[offset] ^ value,)) + data[offset + 1 :]
-
-
-def put(data: bytes, offset: int, value: bytes) -> bytes:
-    return data[:offset] + value + data[offset + len(value) :]
+    return load_expected(vectors)
 
 
 def load_cert(raw: bytes) -> x509.Certificate:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from agent.errors import EvidenceParseError
 from agent.tee import tdx
 from agent.tee.tdx import CertificationDataType, QeReportCertificationData, Trailing
+from tests.unit.tee.vectorutil import flip, load_expected, put, read
 
 # (path under vectors/, key in hw/expected.json, trailing policy the file needs)
 QUOTES = [
@@ -46,22 +47,9 @@ REPORT_V1 = "hw/tdx/tdreport_v1_tdx15_guestcomponents.bin"
 REPORT_V0 = "hw/tdx/tdreport_v0_tdx10_dcap.bin"
 
 
-def read(vectors: Path, rel: str) -> bytes:
-    return (vectors / rel).read_bytes()
-
-
 @pytest.fixture(scope="module")
 def expected(vectors: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads((vectors / "hw/expected.json").read_text())
-    return result
-
-
-def flip(data: bytes, offset: int, value: int = 0x01) -> bytes:
-    return data[:offset] + bytes((data[offset] ^ value,)) + data[offset + 1 :]
-
-
-def put(data: bytes, offset: int, value: bytes) -> bytes:
-    return data[:offset] + value + data[offset + len(value) :]
+    return load_expected(vectors)
 
 
 class TestQuoteVectors:
