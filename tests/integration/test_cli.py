@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,3 +165,76 @@ def test_ttrpc_socket_must_be_a_unix_path() -> None:
     result = cli("check-config", "--ttrpc-aa-socket", "127.0.0.1:9")
     assert result.returncode == 2
     assert b"expected an absolute unix socket path" in result.stderr
+
+
+def test_seal_unseal_and_unwrap_commands(daemon: Daemon, tmp_path: Path, resources: Path) -> None:
+    import base64
+
+    from agent.keyprovider import annotation
+
+    prefix = tmp_path / "sealing"
+    assert cli("seal", "--generate-key", str(prefix)).returncode == 0
+    assert (prefix.with_suffix(".pem").stat().st_mode & 0o777) == 0o600
+    (resources / "default" / "sealing").mkdir()
+    (resources / "default" / "sealing" / "pub").write_bytes(prefix.with_suffix(".jwk").read_bytes())
+    sealed = cli(
+        "seal", "--signing-key", str(prefix.with_suffix(".pem")), "--kid", "kbs:///default/sealing/pub",
+        "--name", "kbs:///default/key/1",
+    )  # fmt: skip
+    assert sealed.returncode == 0, sealed.stderr
+    assert sealed.stdout.startswith(b"sealed.")
+    (tmp_path / "secret.txt").write_bytes(sealed.stdout)
+    unsealed = cli("unseal", f"@{tmp_path / 'secret.txt'}", "--socket", daemon.socket)
+    assert unsealed.returncode == 0, unsealed.stderr
+    assert unsealed.stdout == SECRET
+    assert cli("seal", "--kid", "x").returncode == 2
+
+    kek = bytes(range(32))
+    (resources / "default" / "image-kek").mkdir()
+    (resources / "default" / "image-kek" / "k").write_bytes(kek)
+    packet = annotation.wrap(kek, b'{"symkey":"c2VjcmV0"}', kid="kbs:///default/image-kek/k").to_v1_json()
+    unwrapped = cli("unwrap", base64.b64encode(packet).decode(), "--socket", daemon.socket)
+    assert unwrapped.returncode == 0, unwrapped.stderr
+    assert unwrapped.stdout == b'{"symkey":"c2VjcmV0"}\n'
+    assert cli("unwrap", "not base64!", "--socket", daemon.socket).returncode == 2
+
+
+def test_keyprovider_command_serves_wrapkey(tmp_path: Path) -> None:
+    import json
+
+    import grpc
+
+    from agent.api._gen import keyprovider_pb2 as kp
+    from tests.integration.test_kata_dropin import free_port
+    from tests.unit.keyprovider.test_service import OPTSDATA, go_wrap_request
+
+    (tmp_path / "kek").write_bytes(bytes(32))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent", "keyprovider", "--listen", f"127.0.0.1:{port}", "--kek-file",
+         str(tmp_path / "kek"), "--kid", "kbs:///default/image-kek/fixed", "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        assert b'"attestation-agent": {"grpc": "127.0.0.1:' in banner
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wrap: Any = channel.unary_unary(
+                "/keyprovider.KeyProviderService/WrapKey",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=kp.KeyProviderKeyWrapProtocolOutput.FromString,
+            )
+            reply = wrap(
+                kp.KeyProviderKeyWrapProtocolInput(KeyProviderKeyWrapProtocolInput=go_wrap_request({})), timeout=30
+            )
+        packet = bytes(json.loads(reply.KeyProviderKeyWrapProtocolOutput)["keywrapresults"]["annotation"])
+        from agent.keyprovider import annotation
+
+        assert annotation.unwrap(bytes(32), annotation.parse_packet(packet)) == OPTSDATA
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+        assert process.stdout is not None
+        process.stdout.close()
