@@ -91,3 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("evidence", "resource_warm", "resource_cold"):
         print(f"{name:>14}: {result[name]:7.2f} x floor")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
