@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from agent import jws
 from agent.devkbs.verifiers import HARDWARE_VERIFIERS, init_data_digest
 from agent.kbs import jwe
 from agent.kbs.jcs import canonicalize
+from agent.strictjson import b64url_encode
 
 __all__ = ["KNOWN_TEES", "DevKbsCore", "Response"]
 
@@ -77,10 +77,6 @@ class _Session:
 def _error(status: int, variant: str, detail: str) -> Response:
     body = json.dumps({"type": ERROR_PREFIX + variant, "detail": detail}).encode()
     return Response(status, body, {"Content-Type": "application/json"})
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _typed_pubkey(value: object) -> dict[str, str] | None:
@@ -147,8 +143,8 @@ class DevKbsCore:
             "kty": "EC",
             "crv": "P-256",
             "alg": "ES256",
-            "x": _b64url(numbers.x.to_bytes(32, "big")),
-            "y": _b64url(numbers.y.to_bytes(32, "big")),
+            "x": b64url_encode(numbers.x.to_bytes(32, "big")),
+            "y": b64url_encode(numbers.y.to_bytes(32, "big")),
         }
 
     def issue_token(self, tee: str, claims: dict[str, Any], runtime: dict[str, Any], init: str | None) -> str:
@@ -175,26 +171,18 @@ class DevKbsCore:
                 }
             },
         }
-        header = {"typ": "JWT", "alg": "ES256", "jwk": self._signer_jwk()}
-        head = _b64url(json.dumps(header, separators=(",", ":")).encode())
-        signing_input = f"{head}.{_b64url(json.dumps(payload, separators=(',', ':')).encode())}"
-        der = self._signer.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
-        r, s = decode_dss_signature(der)
-        return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        return jws.encode_compact(self._signer, {"typ": "JWT", "jwk": self._signer_jwk()}, payload)
 
     def verify_token(self, token: str) -> dict[str, Any] | None:
         """Signature and `exp` check of a token this KBS issued; None when invalid."""
-        try:
-            head, body, sig = token.split(".")
-            raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
-            if len(raw) != 64:
-                return None
-            der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
-            self._signer.public_key().verify(der, f"{head}.{body}".encode(), ec.ECDSA(hashes.SHA256()))
-            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-        except (ValueError, InvalidSignature, UnicodeError):
+        parts = jws.decode_compact(token)
+        if parts is None:
             return None
-        if not isinstance(claims, dict) or claims.get("exp", 0) < self.clock():
+        header, claims, signing_input, signature = parts
+        if not jws.verify(self._signer.public_key(), header.get("alg"), signing_input, signature):
+            return None
+        exp = claims.get("exp", 0)
+        if not isinstance(exp, int | float) or exp < self.clock():
             return None
         return claims
 
@@ -356,25 +344,15 @@ class DevKbsCore:
         auth = headers.get("authorization", "")
         if self.admin_key is None or not auth.startswith("Bearer "):
             return False
-        try:
-            head, body, sig = auth[len("Bearer ") :].strip().split(".")
-            header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-            signature = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
-            signed = f"{head}.{body}".encode()
-            key, alg = self.admin_key, header.get("alg")
-            if alg == "EdDSA" and isinstance(key, ed25519.Ed25519PublicKey):
-                key.verify(signature, signed)
-            elif alg == "ES256" and isinstance(key, ec.EllipticCurvePublicKey) and len(signature) == 64:
-                der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-                key.verify(der, signed, ec.ECDSA(hashes.SHA256()))
-            elif alg == "RS256" and isinstance(key, rsa.RSAPublicKey):
-                key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
-            else:
-                return False
-        except (ValueError, InvalidSignature, UnicodeError):
+        parts = jws.decode_compact(auth[len("Bearer ") :].strip())
+        if parts is None:
             return False
-        return isinstance(claims, dict) and isinstance(claims.get("exp"), int) and claims["exp"] > self.clock()
+        header, claims, signing_input, signature = parts
+        if not isinstance(self.admin_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            return False
+        if not jws.verify(self.admin_key, header.get("alg"), signing_input, signature):
+            return False
+        return isinstance(claims.get("exp"), int) and claims["exp"] > self.clock()
 
     def _set_resource(self, headers: Mapping[str, str], segments: list[str], body: bytes) -> Response:
         if not self._admin_allowed(headers):

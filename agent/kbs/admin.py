@@ -9,16 +9,14 @@ deployment needs, or supplied ready-made.
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from agent import jws
 from agent.errors import KbsTransportError
 from agent.kbs import protocol
 from agent.kbs.client import build_ssl_context
@@ -29,37 +27,17 @@ __all__ = ["mint_admin_token", "register_resource"]
 ADMIN_TOKEN_LIFETIME_S = 2 * 3600
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def mint_admin_token(
     private_key_pem: bytes, *, extra_claims: dict[str, Any] | None = None, now: float | None = None
 ) -> str:
     """A compact JWT (`EdDSA` for Ed25519, `ES256` for P-256, `RS256` for RSA) valid for two hours."""
     key = serialization.load_pem_private_key(private_key_pem, password=None)
-    issued = int(time.time() if now is None else now)
-    claims = {"iat": issued, "exp": issued + ADMIN_TOKEN_LIFETIME_S, **(extra_claims or {})}
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        alg = "EdDSA"
-    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
-        alg = "ES256"
-    elif isinstance(key, rsa.RSAPrivateKey):
-        alg = "RS256"
-    else:
+    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         msg = "the admin key must be Ed25519, EC P-256 or RSA"
         raise TypeError(msg)
-    head = _b64url(json.dumps({"alg": alg, "typ": "JWT"}, separators=(",", ":")).encode())
-    body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
-    signing_input = f"{head}.{body}".encode()
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        signature = key.sign(signing_input)
-    elif isinstance(key, ec.EllipticCurvePrivateKey):
-        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
-    else:
-        signature = key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
-    return f"{head}.{body}.{_b64url(signature)}"
+    issued = int(time.time() if now is None else now)
+    claims = {"iat": issued, "exp": issued + ADMIN_TOKEN_LIFETIME_S, **(extra_claims or {})}
+    return jws.encode_compact(key, {"typ": "JWT"}, claims)
 
 
 async def register_resource(

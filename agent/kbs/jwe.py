@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from agent.errors import DecryptionError
+from agent.strictjson import b64url_encode
 
 __all__ = ["KeyAlgorithm", "TeeKeyPair", "b64url_decode", "b64url_encode", "decrypt", "encrypt"]
 
@@ -52,11 +53,6 @@ _CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
     "P-256": (ec.SECP256R1, 32),
     "P-521": (ec.SECP521R1, 66),
 }
-
-
-def b64url_encode(data: bytes) -> str:
-    """Base64url without padding (RFC 7515 §2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def b64url_decode(text: object) -> bytes:

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from agent import jws
 from agent.errors import InvalidRequest
 from agent.keyprovider.annotation import WrapType
 from agent.strictjson import b64decode_std
@@ -199,13 +198,9 @@ def verify(secret: SealedSecret | str | bytes, jwk: bytes | Mapping[str, object]
     if not isinstance(secret, SealedSecret):
         secret = parse(secret)
     public_key = _load_p256_jwk(jwk)
-    r = int.from_bytes(secret.signature[:_P256_COORDINATE_SIZE], "big")
-    s = int.from_bytes(secret.signature[_P256_COORDINATE_SIZE:], "big")
-    try:
-        public_key.verify(encode_dss_signature(r, s), secret.signing_input, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
+    if not jws.verify(public_key, ALGORITHM, secret.signing_input, secret.signature):
         msg = "sealed secret signature does not verify"
-        raise InvalidRequest(msg) from None
+        raise InvalidRequest(msg)
     return parse_payload(secret.payload)
 
 
@@ -274,8 +269,7 @@ def seal(payload: VaultSecret | EnvelopeSecret, signing_key: ec.EllipticCurvePri
     header_b64 = _b64url_encode(_dump_json({"alg": ALGORITHM, "kid": kid}))
     payload_b64 = _b64url_encode(_dump_json(payload.to_json_object()))
     signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
-    r, s = decode_dss_signature(signing_key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-    signature = r.to_bytes(_P256_COORDINATE_SIZE, "big") + s.to_bytes(_P256_COORDINATE_SIZE, "big")
+    signature = jws.sign(signing_key, signing_input)
     return f"{SEALED_PREFIX}{header_b64}.{payload_b64}.{_b64url_encode(signature)}"
 
 

@@ -30,6 +30,7 @@ PURE = [
     "keyprovider/messages.py",
     "secrets/sealed.py",
     "strictjson.py",
+    "jws.py",
 ]
 FORBIDDEN = {"os", "fcntl", "socket", "asyncio", "httpx", "grpc", "structlog", "subprocess", "threading", "pathlib"}
 
