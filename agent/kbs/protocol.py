@@ -6,14 +6,13 @@ the HTTP edge (`agent.kbs.client`) moves them.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import AttestationRejected, KbsProtocolError
+from agent.jws import decode_compact
 from agent.kbs.jcs import canonicalize
 
 __all__ = [
@@ -144,26 +143,13 @@ class Token:
         return f"Token(<redacted>, exp={self.exp})"
 
 
-def _b64url_json(part: str) -> Any:
-    padded = part + "=" * (-len(part) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-
-
 def parse_token(raw: str) -> Token:
     """Decode a compact JWT's claims (no signature check; the agent only reads `exp`/`nbf`)."""
-    parts = raw.split(".")
-    if len(parts) != 3:
-        msg = f"KBS token has {len(parts)} parts, expected 3 (a compact JWT)"
+    parts = decode_compact(raw)
+    if parts is None:
+        msg = "KBS token is not a compact JWT with a JSON header and JSON claims"
         raise KbsProtocolError(msg)
-    try:
-        claims = _b64url_json(parts[1])
-    except (ValueError, binascii.Error, UnicodeError) as exc:
-        msg = "KBS token claims are not base64url JSON"
-        raise KbsProtocolError(msg) from exc
-    if not isinstance(claims, dict):
-        msg = "KBS token claims are not a JSON object"
-        raise KbsProtocolError(msg)
-    return Token(raw=raw, claims=claims)
+    return Token(raw=raw, claims=parts[1])
 
 
 def parse_attest_response(body: bytes) -> Token:
