@@ -141,7 +141,6 @@ class KbsConfig:
     timeout_s: float = 60.0
     max_response_bytes: int = 16 * 1024 * 1024
     token_refresh_margin_s: float = 30.0
-    connect_attempts: int = 3
 
     @property
     def insecure_http(self) -> bool:
