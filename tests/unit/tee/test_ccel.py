@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from agent.errors import EvidenceParseError
 from agent.tee import ccel, tdx
 from agent.tee.ccel import AaelEvent, TcgAlgorithm
-from tests.unit.tee.vectorutil import load_expected, put, read
+from tests.unit.tee.vectorutil import put, read
 
 # (log under vectors/, key in hw/expected.json or None, Trustee's expected parse or None)
 LOGS = [
@@ -59,11 +59,6 @@ ALG_NAMES = {"SHA-384": TcgAlgorithm.SHA384, "SHA-256": TcgAlgorithm.SHA256, "SM
 
 # guest-components `EL_HEADER` (attestation-agent/attester/src/utils.rs at 8246e5e0), guest-api.md §5.2
 GC_HEADER_HEX = "0000000003000000" + "00" * 20 + "25000000" + "00" * 16 + "0000000000000000020000000c0030001200200000"
-
-
-@pytest.fixture(scope="module")
-def expected(vectors: Path) -> dict[str, Any]:
-    return load_expected(vectors)
 
 
 class TestLogVectors:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from agent.errors import EvidenceParseError
 from agent.tee import snp
 from agent.tee.snp import CertTable, CertType, TcbLayout
-from tests.unit.tee.vectorutil import flip, load_expected, put, read
+from tests.unit.tee.vectorutil import flip, put, read
 
 REPORTS = [
     ("hw/snp/report_v2_milan_gosevguest.bin", "snp/report_v2_milan_gosevguest.bin"),
@@ -48,11 +48,6 @@ V3 = "hw/snp/report_v3_milan_vlek_vmpl1_trustee.bin"
 V5 = "hw/snp/report_v5_milan_gcp.bin"
 TABLE = "hw/snp/cert_table_SYNTH_milan_gosevguest.bin"
 E2E = "trustee/snp/snp-evidence-e2e.json"
-
-
-@pytest.fixture(scope="module")
-def expected(vectors: Path) -> dict[str, Any]:
-    return load_expected(vectors)
 
 
 def load_cert(raw: bytes) -> x509.Certificate:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from agent.errors import EvidenceParseError
 from agent.tee import tdx
 from agent.tee.tdx import CertificationDataType, QeReportCertificationData, Trailing
-from tests.unit.tee.vectorutil import flip, load_expected, put, read
+from tests.unit.tee.vectorutil import flip, put, read
 
 # (path under vectors/, key in hw/expected.json, trailing policy the file needs)
 QUOTES = [
@@ -45,11 +45,6 @@ V4 = "hw/tdx/quote_v4_trustee.dat"
 V5 = "hw/tdx/quote_v5_tdx15_trustee.dat"
 REPORT_V1 = "hw/tdx/tdreport_v1_tdx15_guestcomponents.bin"
 REPORT_V0 = "hw/tdx/tdreport_v0_tdx10_dcap.bin"
-
-
-@pytest.fixture(scope="module")
-def expected(vectors: Path) -> dict[str, Any]:
-    return load_expected(vectors)
 
 
 class TestQuoteVectors:
