@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to the shared vectors and reference documents."""
+"""Shared test fixtures: the repository's own test vectors."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-VECTORS = SHARED / "vectors"
+from tests.paths import VECTORS_DIR
 
 
 @pytest.fixture(scope="session")
 def vectors() -> Path:
-    """The read-only `../shared/vectors` folder (real TDX/SNP/Trustee data with SOURCES.md files)."""
-    if not VECTORS.is_dir():
-        pytest.fail(f"shared vectors not found at {VECTORS}")
-    return VECTORS
+    """`tests/vectors`: real TDX/SNP/Trustee data with SOURCES.md files."""
+    if not VECTORS_DIR.is_dir():
+        pytest.fail(f"test vectors not found at {VECTORS_DIR}")
+    return VECTORS_DIR

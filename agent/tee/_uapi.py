@@ -14,7 +14,7 @@ Sources (x86_64):
 - SEV-SNP firmware ABI (``MSG_REPORT_RSP``, ``MSG_KEY_RSP``): the layout of the response buffers' contents.
 
 Every size and offset is checked at import time against the values the C compiler reports for the headers
-(``shared/vectors/hw/abi_ground_truth.txt``), so a platform with a different ABI fails loudly on import
+(``tests/vectors/hw/abi_ground_truth.txt``), so a platform with a different ABI fails loudly on import
 instead of corrupting kernel requests.
 """
 

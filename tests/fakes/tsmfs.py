@@ -72,7 +72,7 @@ __all__ = [
     "tdx_quote_with",
 ]
 
-_HW_VECTORS: Final = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "hw"
+_HW_VECTORS: Final = Path(__file__).resolve().parents[1] / "vectors" / "hw"  # also runs as a script
 DEFAULT_TDX_TEMPLATE: Final = _HW_VECTORS / "tdx" / "quote_v4_trustee.dat"
 DEFAULT_SNP_TEMPLATE: Final = _HW_VECTORS / "snp" / "report_v2_milan_gosevguest.bin"
 DEFAULT_CERT_TABLE: Final = _HW_VECTORS / "snp" / "cert_table_SYNTH_milan_gosevguest.bin"

@@ -12,10 +12,10 @@ from agent.cli import main
 from agent.tee import snp, tdx
 from tests.fakes.tsmfs import MountedTsm, TsmFsOptions, mounted_tsm
 from tests.integration.hw_fixtures import cli, path_flags
+from tests.paths import VECTORS_DIR as VECTORS
 
 pytestmark = pytest.mark.integration
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
 GCP = VECTORS / "hw" / "tdx" / "ccel_gcp_cos113"
 
 

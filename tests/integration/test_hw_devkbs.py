@@ -18,10 +18,10 @@ from agent.devkbs.server import DevKbsServer
 from agent.kbs import protocol
 from agent.tee import ccel
 from tests.fakes.tsmfs import DEFAULT_SNP_TEMPLATE, DEFAULT_TDX_TEMPLATE, snp_report_with, tdx_quote_with
+from tests.paths import VECTORS_DIR as VECTORS
 
 pytestmark = pytest.mark.integration
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
 GCP = VECTORS / "hw" / "tdx" / "ccel_gcp_cos113"
 PUBKEY = {
     "kty": "EC",

@@ -19,6 +19,7 @@ from agent.tee import snp
 from tests.fakes.tsmfs import DEFAULT_CERT_TABLE, MountedTsm, TsmFsOptions, mounted_tsm
 from tests.integration.conftest import SECRET
 from tests.integration.hw_fixtures import HwDaemon, cli, path_flags
+from tests.paths import VECTORS_DIR as VECTORS
 
 if TYPE_CHECKING:
     from tests.fakes.shim import GuestDevShim
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 pytest_plugins = ("tests.fakes.shim",)
 pytestmark = pytest.mark.integration
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
 GCP = VECTORS / "hw" / "tdx" / "ccel_gcp_cos113"
 
 

@@ -24,10 +24,10 @@ from agent.initdata import MISMATCH_MESSAGE
 from tests.fakes.tsmfs import DEFAULT_SNP_TEMPLATE, TsmFsOptions, mounted_tsm
 from tests.integration.hw_fixtures import path_flags
 from tests.integration.test_kata_dropin import KataLauncher
+from tests.paths import VECTORS_DIR as VECTORS
 
 pytestmark = pytest.mark.integration
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors"
 TDX_QUOTE = VECTORS / "hw" / "tdx" / "ccel_gcp_cos113" / "quote_v4_padded8000.dat"
 QUOTE_MRCONFIGID = slice(48 + 184, 48 + 184 + 48)  # quote v4 header + TD quote body offset of MRCONFIGID
 SNP_HOST_DATA = slice(0xC0, 0xE0)

@@ -28,8 +28,8 @@ from tests.fakes.tsmfs import (
     TsmFsOptions,
     snp_report_with,
 )
+from tests.paths import VECTORS_DIR as VECTORS
 
-VECTORS = Path(__file__).resolve().parents[4] / "shared" / "vectors"
 GCP = VECTORS / "hw" / "tdx" / "ccel_gcp_cos113"
 TD_REPORT = VECTORS / "hw" / "tdx" / "tdreport_v1_tdx15_guestcomponents.bin"
 DIGEST = bytes(range(1, 49))  # a SHA-384-sized runtime data digest

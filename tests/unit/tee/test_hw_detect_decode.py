@@ -20,8 +20,8 @@ from agent.tee.select import make_attester
 from agent.tee.snp_attester import SnpAttester
 from agent.tee.tdx_attester import TdxAttester
 from tests.fakes.tsmfs import InMemoryTsm, TsmFsOptions
+from tests.paths import VECTORS_DIR as VECTORS
 
-VECTORS = Path(__file__).resolve().parents[4] / "shared" / "vectors"
 HW = VECTORS / "hw"
 
 

@@ -1,6 +1,6 @@
 """The ctypes mirrors in agent.tee._uapi against the C compiler's view of the kernel headers.
 
-The oracle is ``shared/vectors/hw/abi_ground_truth.txt`` (sizeof/offsetof/ioctl numbers printed by a C program
+The oracle is ``tests/vectors/hw/abi_ground_truth.txt`` (sizeof/offsetof/ioctl numbers printed by a C program
 built against linux-libc-dev); it is parsed here, so every value it lists is checked.
 """
 
