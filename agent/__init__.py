@@ -1,5 +1,9 @@
 """cvm-agent: guest-side attestation agent for confidential VMs.
 
+This package is what runs in a TEE. The developer and image-owner tools (dev KBS, wrap-only key provider,
+sealing) are the separate `cvm-agent-tools` distribution (`tools/`, package `cvm_tools`), which imports this one
+and is never imported by it.
+
 Package map:
 
 - `agent.errors`: the error tree (pure).
@@ -9,7 +13,6 @@ Package map:
 - `agent.keyprovider`: ocicrypt key-provider protocol and annotation packets.
 - `agent.service`: transport-agnostic service objects (attestation agent, data hub, key provider).
 - `agent.api`: gRPC and ttRPC transports over those service objects; generated code in `agent.api._gen`.
-- `agent.devkbs`: a development KBS for mock-TEE work (not needed in a guest).
 - `agent.cli`: the `cvm-agent` command.
 """
 

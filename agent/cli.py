@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import contextlib
 import json
 import os
 import sys
@@ -61,6 +60,11 @@ def _add_daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttrpc-aa-socket", metavar="PATH", help="also serve the AA over ttRPC here ('' = off)")
     p.add_argument("--ttrpc-cdh-socket", metavar="PATH", help="also serve the data hub over ttRPC here ('' = off)")
     p.add_argument("--kbs-cert", metavar="PEM_FILE", help="extra CA certificate for HTTPS to the KBS")
+    p.add_argument(
+        "--initdata-toml",
+        metavar="FILE",
+        help="initdata TOML: checked against MRCONFIGID/HOST_DATA at start (exit 1 on a mismatch), sent to the KBS",
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     _add_tee_flags(p)
 
@@ -75,7 +79,7 @@ def _add_client_socket(p: argparse.ArgumentParser) -> None:
 
 
 def _add_image_commands(sub: Any) -> None:
-    """Image-layer keys and sealed secrets: unwrap, unseal, keyprovider, seal."""
+    """Image-layer keys and sealed secrets through the agent: unwrap, unseal."""
     p = sub.add_parser("unwrap", help="unwrap an image layer key through the agent (debug image pulls)", epilog=_EPILOG)
     _add_client_socket(p)
     p.add_argument(
@@ -87,30 +91,6 @@ def _add_image_commands(sub: Any) -> None:
     _add_client_socket(p)
     p.add_argument("secret", metavar="SEALED", help="sealed.<header>.<payload>.<signature>, or @FILE")
 
-    p = sub.add_parser(
-        "keyprovider",
-        help="run the image owner's wrap-only key provider for skopeo/ocicrypt (outside the TEE)",
-        epilog=_EPILOG,
-    )
-    p.add_argument("--listen", required=True, metavar="ADDR", help="loopback HOST:PORT, or unix:PATH / PATH")
-    p.add_argument("--provider-name", default="attestation-agent", help="ocicrypt provider name (default %(default)s)")
-    p.add_argument("--kek-file", metavar="FILE", help="wrap every layer under this 32-byte key")
-    p.add_argument("--kid", metavar="URI", help="KBS resource URI of the KEK (default: keyid= or a generated one)")
-    p.add_argument("--kek-dir", metavar="DIR", help="save generated KEKs under DIR/<repo>/<type>/<tag> (0600)")
-    p.add_argument("--algorithm", default="A256GCM", choices=["A256GCM", "A256CTR"], help="default %(default)s")
-    p.add_argument("--kbs-url", metavar="URL", help="register generated KEKs with this KBS (admin resource API)")
-    p.add_argument("--kbs-cert", metavar="PEM_FILE", help="extra CA certificate for HTTPS to the KBS")
-    p.add_argument("--admin-key", metavar="PEM_FILE", help="admin private key (Ed25519, P-256, RSA) to sign tokens")
-    p.add_argument("--admin-token-file", metavar="FILE", help="a ready-made admin bearer token")
-    p.add_argument("--admin-claims", metavar="JSON", help='extra admin token claims, e.g. \'{"role":"admin"}\'')
-    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
-
-    p = sub.add_parser("seal", help="create a sealed secret, or a signing key for sealed secrets", epilog=_EPILOG)
-    p.add_argument("--generate-key", metavar="PREFIX", help="write PREFIX.pem (private, 0600) and PREFIX.jwk (public)")
-    p.add_argument("--signing-key", metavar="PEM_FILE", help="P-256 private key that signs the secret")
-    p.add_argument("--kid", metavar="KID", help="verification key id: a resource URI (kbs:///r/t/tag) or a key name")
-    p.add_argument("--name", metavar="URI", help="the KBS resource holding the secret (vault secret)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -118,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Guest attestation agent for confidential VMs (TDX, SEV-SNP, sample mock TEE).",
         epilog=_EPILOG,
     )
+    parser.add_argument("-V", "--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the agent daemon", epilog=_EPILOG)
@@ -161,20 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_image_commands(sub)
 
-    p = sub.add_parser(
-        "dev-kbs", help="run the development KBS (mock-TEE work only; not for production)", epilog=_EPILOG
-    )
-    p.add_argument("--resources", metavar="DIR", required=True, help="serve DIR/<repo>/<type>/<tag>")
-    p.add_argument("--host", default="127.0.0.1", help="listen host (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="listen port (default 8080; 0 picks a free port)")
-    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
-    p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
-    p.add_argument("--token-minutes", type=float, default=5.0, help="token lifetime (default 5)")
-    p.add_argument("--session-minutes", type=float, default=5.0, help="session cookie lifetime (default 5)")
-    p.add_argument("--admin-public-key", metavar="PEM", help="accept admin resource uploads signed by this key")
-    p.add_argument("--insecure-admin", action="store_true", help="accept admin resource uploads from anyone")
-
     sub.add_parser("version", help="print the version")
+    for subparser in sub.choices.values():  # a bad flag is reported with the subcommand's own usage
+        subparser.set_defaults(command_parser=subparser)
     return parser
 
 
@@ -195,6 +165,7 @@ def _load_config(args: argparse.Namespace) -> Any:
         tee_paths={key: getattr(args, f"path_{key}", None) for key in config.TEE_PATH_FLAGS},
         ttrpc_aa_socket=getattr(args, "ttrpc_aa_socket", None),
         ttrpc_cdh_socket=getattr(args, "ttrpc_cdh_socket", None),
+        initdata_toml=getattr(args, "initdata_toml", None),
     )
 
 
@@ -294,13 +265,15 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent import log
-    from agent.daemon import run
-    from agent.errors import AgentError
+    from agent.app import run
+    from agent.errors import AgentError, ConfigError
 
     cfg = _load_config(args)
     log.configure(cfg.log.level, cfg.log.format)
     try:
-        return asyncio.run(run(cfg))
+        return asyncio.run(run(cfg, name="agent"))
+    except ConfigError:
+        raise  # exit 2, reported by main
     except AgentError as exc:
         _error(exc.diagnostics())
         return EXIT_FAILURE
@@ -418,134 +391,43 @@ def _text_arg(value: str) -> str:
     return value.strip()
 
 
-def _keyprovider(args: argparse.Namespace) -> int:
-    import asyncio
+def _version() -> str:
+    from agent import __version__
 
-    from agent import config, log
-    from agent.keyprovider.annotation import WrapType
-    from agent.keyprovider.owner import OwnerOptions, serve
-
-    log.configure(args.log_level)
-    options = OwnerOptions(
-        listen=config.parse_listen_address(args.listen, key="--listen"),
-        provider_name=args.provider_name,
-        kek_file=args.kek_file,
-        kid=args.kid,
-        kek_dir=args.kek_dir,
-        algorithm=WrapType(args.algorithm),
-        kbs_url=args.kbs_url,
-        kbs_cert=args.kbs_cert,
-        admin_key_file=args.admin_key,
-        admin_token_file=args.admin_token_file,
-        admin_claims=args.admin_claims,
-    )
-    return asyncio.run(serve(options))
-
-
-def _seal(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from agent.secrets import sealed
-
-    if args.generate_key:
-        private_pem, public_jwk = sealed.generate_signing_key()
-        fd = os.open(f"{args.generate_key}.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(private_pem)
-        Path(f"{args.generate_key}.jwk").write_bytes(public_jwk)
-        print(f"wrote {args.generate_key}.pem (private, keep it safe) and {args.generate_key}.jwk (upload to the KBS)")
-        return EXIT_OK
-    if not (args.signing_key and args.kid and args.name):
-        _error("seal needs --signing-key, --kid and --name (or --generate-key PREFIX)")
-        return EXIT_USAGE
-    key = serialization.load_pem_private_key(Path(args.signing_key).read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        _error("--signing-key must be an EC P-256 private key")
-        return EXIT_USAGE
-    print(sealed.seal(sealed.VaultSecret(name=args.name, provider="kbs"), key, args.kid))
-    return EXIT_OK
-
-
-def _dev_kbs(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from agent import log
-    from agent.devkbs.server import DevKbsServer
-
-    log.configure("info")
-    resources = Path(args.resources)
-    if not resources.is_dir():
-        _error(f"--resources {args.resources!r} is not a directory")
-        return EXIT_USAGE
-    if (args.tls_cert is None) != (args.tls_key is None):
-        _error("--tls-cert and --tls-key go together")
-        return EXIT_USAGE
-    server = DevKbsServer(
-        resources,
-        host=args.host,
-        port=args.port,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        token_minutes=args.token_minutes,
-        session_minutes=args.session_minutes,
-        admin_public_key=Path(args.admin_public_key).read_bytes() if args.admin_public_key else None,
-        insecure_admin=args.insecure_admin,
-    )
-    import structlog
-
-    structlog.get_logger("agent.devkbs").warning(
-        "devkbs.started",
-        url=server.url,
-        resources=str(resources),
-        warning="development KBS: accepts the mock sample TEE and signs tokens with an ephemeral key; never use it "
-        "to protect real secrets",
-    )
-    print(f"dev-kbs listening on {server.url}", flush=True)
-    import signal
-    import threading
-
-    # SIGTERM shuts the server down from another thread (serve_forever blocks this one), then exit 0
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
-    return EXIT_OK
+    return f"cvm-agent {__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from agent.errors import ConfigError
 
     try:
         if args.command == "version":
-            from agent import __version__
-
-            print(f"cvm-agent {__version__}")
+            print(_version())
             return EXIT_OK
         if args.command == "serve":
             return _serve(args)
         if args.command == "check-config":
             print(json.dumps(_load_config(args).describe(), indent=2))
             return EXIT_OK
-        if args.command == "dev-kbs":
-            return _dev_kbs(args)
-        if args.command == "keyprovider":
-            return _keyprovider(args)
-        if args.command == "seal":
-            return _seal(args)
         return _client(args)
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    except (OSError, ValueError, TypeError) as exc:  # unreadable files, malformed keys given on the command line
-        _error(f"{type(exc).__name__}: {exc}")
+    except OSError as exc:  # a file named on the command line cannot be read or written
+        where = f" {exc.filename}" if exc.filename else ""
+        _error(f"cannot use{where}: {exc.strerror or 'input/output error'}")
         return EXIT_USAGE
     except _client_errors() as exc:
         return _report_client_error(exc)
+    except Exception as exc:  # a bug: say so, with the place, never the values
+        from agent.log import crash_summary
+
+        _error(f"internal error: {crash_summary(exc)}; please report it")
+        return EXIT_FAILURE
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:

@@ -1,4 +1,9 @@
-"""A small synchronous gRPC client for the CLI commands. Edge (socket)."""
+"""A small synchronous gRPC client for the CLI commands. Edge (socket).
+
+Reachability is decided by phase, not by message text: if the channel to the agent's socket does not become ready,
+the agent is unreachable (exit 3); once it is, any error status is the agent's answer (a KBS that is down is
+reported by the agent as UNAVAILABLE, exit 1).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ class CallFailed(Exception):
         self.code = code
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 def call(socket: str, path: str, request: Message, response_type: type[M], *, timeout_s: float = 120.0) -> M:
     target = (
         socket if socket.startswith("unix:") or (":" in socket and not socket.startswith("/")) else f"unix:{socket}"
@@ -35,12 +43,14 @@ def call(socket: str, path: str, request: Message, response_type: type[M], *, ti
             response_deserializer=response_type.FromString,
         )
         try:
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            msg = f"the agent is not reachable at {socket} (is `cvm-agent serve` running? see --socket)"
+            raise AgentUnreachable(msg) from None
+        try:
             reply: M = stub(request, timeout=timeout_s)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            if code is grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
-                msg = f"the agent is not reachable at {socket}: {details}"
-                raise AgentUnreachable(msg) from exc
             raise CallFailed(code.name if code else "UNKNOWN", details or "") from exc
         return reply

@@ -12,6 +12,9 @@ Example (`cvm-agent serve --config agent.toml`):
     ttrpc_aa_socket = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
     ttrpc_cdh_socket = "/run/confidential-containers/cdh.sock"
 
+    [initdata]
+    toml = "/run/cvm-agent/initdata.toml"   # check its digest against MRCONFIGID/HOST_DATA at start, send it to the KBS
+
     [kbs]
     url = "https://kbs.example:8080"
     cert = "/etc/cvm-agent/kbs-ca.pem"  # extra CA certificate (PEM file) for HTTPS
@@ -58,7 +61,11 @@ from agent.errors import ConfigError
 from agent.kbs.jwe import KeyAlgorithm
 
 __all__ = [
+    "DEFAULT_AA_TTRPC_SOCKET",
     "DEFAULT_SOCKET",
+    "CredentialFile",
+    "EventlogConfig",
+    "InitdataConfig",
     "TEE_NAMES",
     "Config",
     "DataHubConfig",
@@ -74,6 +81,8 @@ __all__ = [
 ]
 
 DEFAULT_SOCKET = "/run/confidential-containers/cvm-agent/agent.sock"
+DEFAULT_AA_TTRPC_SOCKET = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
+DATA_HUB_BACKENDS = ("kbs", "passport", "offline")
 TEE_NAMES = ("auto", "tdx", "snp", "sample")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -135,8 +144,11 @@ def parse_listen_address(text: object, *, key: str = "socket") -> ListenAddress:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KbsConfig:
+    """The KBS and how to talk to it. The one home of the KBS client's defaults."""
+
     url: str | None = None
-    cert_path: str | None = None
+    cert_path: str | None = None  # extra CA certificate, a PEM file
+    cert_pem: str | None = None  # or the certificate itself (the reference AA/CDH configs carry PEM text)
     tee_key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256
     timeout_s: float = 60.0
     max_response_bytes: int = 16 * 1024 * 1024
@@ -148,10 +160,42 @@ class KbsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialFile:
+    """A KBS resource the data hub writes to a file at start (the reference CDH's `[[credentials]]`)."""
+
+    resource_uri: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DataHubConfig:
     kek_cache_s: float = 300.0
     skip_sealed_secret_verification: bool = False
     sealed_secret_key_dir: str = "/run/confidential-containers/cdh/sealed-secret"
+    # where resources come from: "kbs" = this process's own attested KBS session; "passport" = tokens from the
+    # attestation agent on `aa_socket` (the reference CDH's cc_kbc); "offline" = local files (offline_fs_kbc)
+    backend: str = "kbs"
+    aa_socket: str = DEFAULT_AA_TTRPC_SOCKET
+    offline_files: tuple[str, ...] = ()
+    credentials: tuple[CredentialFile, ...] = ()
+    # write the guest's ocicrypt config here at start unless OCICRYPT_KEYPROVIDER_CONFIG is set (None: never)
+    ocicrypt_config: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InitdataConfig:
+    """Initdata to bind at start: the TOML document (`toml`, a path) or only its digest (`digest`, base64)."""
+
+    toml: str | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventlogConfig:
+    """Runtime measurement (the AA's `[eventlog_config]`)."""
+
+    enabled: bool = False
+    init_pcr: int = 17
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,13 +239,16 @@ class SnpConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     tee: str = "auto"
-    socket: ListenAddress = field(default_factory=lambda: ListenAddress(unix_path=DEFAULT_SOCKET))
+    # the gRPC listener (None: no gRPC, as in the ttRPC-only drop-ins)
+    socket: ListenAddress | None = field(default_factory=lambda: ListenAddress(unix_path=DEFAULT_SOCKET))
     grpc_listen: tuple[ListenAddress, ...] = ()
     kbs: KbsConfig = field(default_factory=KbsConfig)
     data_hub: DataHubConfig = field(default_factory=DataHubConfig)
     log: LogConfig = field(default_factory=LogConfig)
     snp: SnpConfig = field(default_factory=SnpConfig)
     tee_paths: TeePaths = field(default_factory=TeePaths)
+    initdata: InitdataConfig = field(default_factory=InitdataConfig)
+    eventlog: EventlogConfig = field(default_factory=EventlogConfig)
     # ttRPC on the reference sockets, so one `cvm-agent serve` can stand in for the AA and the data hub too
     ttrpc_aa_socket: str | None = None
     ttrpc_cdh_socket: str | None = None
@@ -218,6 +265,7 @@ class Config:
         tee_paths: Mapping[str, str | None] | None = None,
         ttrpc_aa_socket: str | None = None,
         ttrpc_cdh_socket: str | None = None,
+        initdata_toml: str | None = None,
     ) -> Config:
         """Apply command-line overrides, validating each like its config key.
 
@@ -238,6 +286,8 @@ class Config:
             cfg = replace(cfg, ttrpc_aa_socket=_ttrpc_socket(ttrpc_aa_socket, "--ttrpc-aa-socket"))
         if ttrpc_cdh_socket is not None:
             cfg = replace(cfg, ttrpc_cdh_socket=_ttrpc_socket(ttrpc_cdh_socket, "--ttrpc-cdh-socket"))
+        if initdata_toml is not None:
+            cfg = replace(cfg, initdata=InitdataConfig(toml=_abs_path(initdata_toml, "--initdata-toml")))
         if snp_vmpl is not None:
             cfg = replace(cfg, snp=SnpConfig(vmpl=_integer(snp_vmpl, "--snp-vmpl", low=0, high=SNP_VMPL_MAX)))
         for name, value in (tee_paths or {}).items():
@@ -253,11 +303,12 @@ class Config:
         """A JSON-able view for `check-config` (contains no secrets: the config holds none)."""
         return {
             "tee": self.tee,
-            "socket": str(self.socket),
+            "socket": None if self.socket is None else str(self.socket),
             "grpc_listen": [str(a) for a in self.grpc_listen],
             "kbs": {
                 "url": self.kbs.url,
                 "cert": self.kbs.cert_path,
+                "cert_pem": self.kbs.cert_pem is not None,
                 "tee_key_algorithm": self.kbs.tee_key_algorithm.value,
                 "timeout_s": self.kbs.timeout_s,
                 "max_response_bytes": self.kbs.max_response_bytes,
@@ -267,7 +318,14 @@ class Config:
                 "kek_cache_s": self.data_hub.kek_cache_s,
                 "skip_sealed_secret_verification": self.data_hub.skip_sealed_secret_verification,
                 "sealed_secret_key_dir": self.data_hub.sealed_secret_key_dir,
+                "backend": self.data_hub.backend,
+                "aa_socket": self.data_hub.aa_socket,
+                "offline_files": list(self.data_hub.offline_files),
+                "credentials": [{"resource_uri": c.resource_uri, "path": c.path} for c in self.data_hub.credentials],
+                "ocicrypt_config": self.data_hub.ocicrypt_config,
             },
+            "initdata": {"toml": self.initdata.toml, "digest": self.initdata.digest},
+            "eventlog": {"enabled": self.eventlog.enabled, "init_pcr": self.eventlog.init_pcr},
             "log": {"level": self.log.level, "format": self.log.format},
             "snp": {"vmpl": self.snp.vmpl},
             "tee_paths": self.tee_paths.describe(),
@@ -424,6 +482,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         "tee_paths",
         "ttrpc_aa_socket",
         "ttrpc_cdh_socket",
+        "initdata",
     }
     unknown = sorted(set(data) - top)
     if unknown:
@@ -460,6 +519,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     snp = _table(data, "snp", {"vmpl"})
     if "vmpl" in snp:
         cfg = replace(cfg, snp=SnpConfig(vmpl=_integer(snp["vmpl"], "snp.vmpl", low=0, high=SNP_VMPL_MAX)))
+
+    initdata = _table(data, "initdata", {"toml"})
+    if "toml" in initdata:
+        cfg = replace(cfg, initdata=InitdataConfig(toml=_abs_path(initdata["toml"], "initdata.toml")))
 
     paths = _table(data, "tee_paths", set(TEE_PATH_FLAGS))
     tp = cfg.tee_paths

@@ -21,11 +21,16 @@ Domain errors mean the world is wrong (bad data, hardware, peers); misuse by a c
     ├── InvalidRequest              a local caller sent something malformed
     └── NotSupported                the request is valid but this agent/TEE cannot serve it
 
-Every error's `str()` is safe to show to an RPC caller: it never contains secret material.
+Every error's `str()` is safe to show to an RPC caller: it never contains secret material. Every class names its
+own RPC status (`rpc_status`, the same code on gRPC and ttRPC); a test checks that none inherits it silently.
 `diagnostics()` adds operator advice for the CLI.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
+
+from agent.api.status import StatusCode
 
 __all__ = [
     "AgentError",
@@ -51,6 +56,8 @@ __all__ = [
 class AgentError(Exception):
     """Base of every error the agent raises on purpose."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
+
     advice: str = ""
 
     def diagnostics(self) -> str:
@@ -60,6 +67,8 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """A configuration key has a bad value, or the file cannot be read."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.FAILED_PRECONDITION
 
     advice = "Check the configuration file and command-line flags (`cvm-agent check-config`)."
 
@@ -71,13 +80,19 @@ class ConfigError(AgentError):
 class TeeError(AgentError):
     """Base for TEE and hardware-evidence failures."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
+
 
 class TeeUnavailable(TeeError):
     """The requested TEE, device or kernel interface is not present."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE
+
 
 class DeviceError(TeeError):
     """A guest-device operation failed; carries every status layer that was reported."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
 
     def __init__(
         self,
@@ -96,6 +111,8 @@ class DeviceError(TeeError):
 class TsmGenerationError(TeeError):
     """A configfs-tsm report entry was written by someone else while we used it."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.ABORTED
+
     def __init__(self, message: str, *, attribute: str, got: int, want: int) -> None:
         super().__init__(message)
         self.attribute = attribute
@@ -106,6 +123,8 @@ class TsmGenerationError(TeeError):
 class EvidenceParseError(TeeError):
     """Bytes that should be a quote, report, certificate table or event log are not valid."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
+
     def __init__(self, message: str, *, offset: int | None = None) -> None:
         super().__init__(message)
         self.offset = offset
@@ -114,9 +133,13 @@ class EvidenceParseError(TeeError):
 class EvidenceMismatch(TeeError):
     """Evidence produced by the TEE does not carry the requested report data (or init data)."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.FAILED_PRECONDITION
+
 
 class KbsError(AgentError):
     """Base for Key Broker Service failures."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE
 
     advice = "Check the KBS URL, its certificate, and the KBS log for the cause."
 
@@ -124,13 +147,19 @@ class KbsError(AgentError):
 class KbsTransportError(KbsError):
     """The KBS could not be reached, timed out, or sent an oversized body."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE
+
 
 class KbsProtocolError(KbsError):
     """The KBS answered with something the protocol does not allow."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE
+
 
 class AttestationRejected(KbsError):
     """The KBS answered with an error status; `kbs_type` and `detail` come from its error body."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.PERMISSION_DENIED
 
     def __init__(self, message: str, *, status: int, kbs_type: str = "", detail: str = "") -> None:
         super().__init__(message)
@@ -142,13 +171,19 @@ class AttestationRejected(KbsError):
 class ResourceNotFound(KbsError):
     """The KBS answered 404: unknown plugin or invalid request path."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.NOT_FOUND
+
 
 class InvalidResourceUri(AgentError):
     """A resource URI that does not have the form `kbs:///<repo>/<type>/<tag>`."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.INVALID_ARGUMENT
+
 
 class DecryptionError(AgentError):
     """Decryption or key unwrapping failed. Deliberately carries no detail (no oracle)."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
 
     def __init__(self, message: str = "decryption failed") -> None:
         super().__init__(message)
@@ -157,6 +192,10 @@ class DecryptionError(AgentError):
 class InvalidRequest(AgentError):
     """A local caller sent a malformed request."""
 
+    rpc_status: ClassVar[StatusCode] = StatusCode.INVALID_ARGUMENT
+
 
 class NotSupported(AgentError):
     """A valid request that this agent or TEE does not support."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNIMPLEMENTED

@@ -1,7 +1,7 @@
-"""Raw JWS signatures (RFC 7515/7518) for the three key types the project signs with. Pure.
+"""JWS verification (RFC 7515/7518) for `EdDSA` (Ed25519), `ES256` (P-256, raw `r || s`) and `RS256`. Pure.
 
-One place for `EdDSA` (Ed25519), `ES256` (P-256, `r || s`, 64 bytes, not DER) and `RS256` (PKCS#1 v1.5,
-SHA-256): sealed secrets, dev-KBS attestation tokens and KBS admin tokens all sign and verify through it.
+The guest only verifies (sealed secrets) and decodes (KBS tokens). Signing lives in the tools distribution
+(`cvm_tools.sign`): nothing in the guest package can mint a token or seal a secret.
 """
 
 from __future__ import annotations
@@ -9,17 +9,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from agent.strictjson import b64url_encode
-
-__all__ = ["PrivateKey", "PublicKey", "algorithm", "decode_compact", "encode_compact", "sign", "verify"]
+__all__ = ["PrivateKey", "PublicKey", "algorithm", "decode_compact", "verify"]
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -36,18 +33,6 @@ def algorithm(key: object) -> str:
         return "RS256"
     msg = "the key must be Ed25519, EC P-256 or RSA"
     raise TypeError(msg)
-
-
-def sign(key: PrivateKey, signing_input: bytes) -> bytes:
-    """The JWS signature of `signing_input` (`<b64url header>.<b64url payload>`) with the key's algorithm."""
-    alg = algorithm(key)
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(signing_input)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
-        return r.to_bytes(_P256_COORDINATE, "big") + s.to_bytes(_P256_COORDINATE, "big")
-    assert alg == "RS256"
-    return key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
 
 
 def verify(key: PublicKey, alg: object, signing_input: bytes, signature: bytes) -> bool:
@@ -68,14 +53,6 @@ def verify(key: PublicKey, alg: object, signing_input: bytes, signature: bytes) 
     except (InvalidSignature, TypeError, ValueError):
         return False
     return True
-
-
-def encode_compact(key: PrivateKey, header: Mapping[str, object], claims: Mapping[str, object]) -> str:
-    """A compact JWS/JWT: `alg` (first) from the key, then `header`, compact JSON claims, the signature."""
-    head = b64url_encode(json.dumps({"alg": algorithm(key), **header}, separators=(",", ":")).encode())
-    body = b64url_encode(json.dumps(dict(claims), separators=(",", ":")).encode())
-    signing_input = f"{head}.{body}"
-    return f"{signing_input}.{b64url_encode(sign(key, signing_input.encode('ascii')))}"
 
 
 def decode_compact(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes] | None:

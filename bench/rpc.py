@@ -17,17 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent import log as agent_log
 from agent.api._gen import api_pb2
 from agent.api._gen import attestation_agent_pb2 as aa
-from agent.api.grpc_server import GrpcServer
-from agent.api.methods import build_methods
-from agent.config import ListenAddress
-from agent.devkbs.server import DevKbsServer
-from agent.kbs.client import KbsClient
-from agent.service import AttestationAgent, DataHub
-from agent.tee.sample import SampleAttester
+from agent.app import App
+from agent.config import Config, KbsConfig, ListenAddress
 
 
 async def median_ms(call: Callable[[], Awaitable[Any]], rounds: int) -> float:
@@ -45,13 +41,12 @@ async def run(rounds: int) -> dict[str, float]:
         (root / "res" / "default" / "key").mkdir(parents=True)
         (root / "res" / "default" / "key" / "1").write_bytes(b"x" * 32)
         with DevKbsServer(root / "res") as kbs:
-            attester = SampleAttester()
-            client = KbsClient(url=kbs.url, attester=attester)
             sock = str(root / "agent.sock")
-            server = GrpcServer(
-                build_methods(AttestationAgent(attester, client), DataHub(client)), [ListenAddress(unix_path=sock)]
-            )
-            await server.start()
+            app = App(Config(tee="sample", socket=ListenAddress(unix_path=sock), kbs=KbsConfig(url=kbs.url)))
+            await app.start()
+            await app.complete_startup()
+            assert app.kbs is not None
+            client = app.kbs
             channel = grpc.aio.insecure_channel(f"unix:{sock}")
 
             def stub(path: str, response: Any) -> Any:
@@ -77,8 +72,7 @@ async def run(rounds: int) -> dict[str, float]:
                 cold_ms = await median_ms(cold, max(5, rounds // 10))
             finally:
                 await channel.close()
-                await server.stop(0)
-                await client.aclose()
+                await app.close()
     return {"floor_ms": floor, "evidence": ev / floor, "resource_warm": warm / floor, "resource_cold": cold_ms / floor}
 
 

@@ -16,10 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from cvm_tools.devkbs.server import DevKbsServer
+
 from agent import log as agent_log
 from agent.api._gen import api_pb2
 from agent.api.ttrpc import TtrpcClient
-from agent.devkbs.server import DevKbsServer
 
 BIN = Path(sys.executable).parent
 FLOOR_CODE = "import grpc, google.protobuf.message, cryptography.hazmat.primitives.asymmetric.ec, httpx, structlog"

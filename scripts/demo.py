@@ -1,6 +1,6 @@
 """`make demo`: the development KBS and the agent in mock-TEE mode, on temporary sockets, doing the main job.
 
-Starts `cvm-agent dev-kbs` with a demo secret and `cvm-agent serve --tee sample`, then uses the client commands
+Starts `cvm-tools dev-kbs` with a demo secret and `cvm-agent serve --tee sample`, then uses the client commands
 exactly as a user would: the TEE type, decoded evidence, and the secret fetched through attestation. Stops both.
 
 `python scripts/demo.py --emulate tdx` (or `snp`) runs the same with emulated hardware instead of the mock: a FUSE
@@ -39,6 +39,11 @@ def cvm_agent(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent", *args]
 
 
+def cvm_tools(*args: str) -> list[str]:
+    """The developer and image-owner tools (a separate distribution, never installed into a guest)."""
+    return [sys.executable, "-m", "cvm_tools.cli", *args]
+
+
 def run(*args: str) -> bytes:
     result = subprocess.run(cvm_agent(*args), capture_output=True, timeout=60, check=False)
     if result.returncode != 0:
@@ -72,10 +77,10 @@ def free_port() -> int:
 
 def image_layer_key(root: Path, kbs_url: str, agent_socket: str) -> None:
     """The image owner wraps a layer key (as skopeo's ocicrypt would ask); the agent unwraps it after attestation."""
-    step("cvm-agent keyprovider: the image owner's wrap-only provider, registering KEKs with the KBS")
+    step("cvm-tools keyprovider: the image owner's wrap-only provider, registering KEKs with the KBS")
     port = free_port()
     owner = subprocess.Popen(
-        cvm_agent(
+        cvm_tools(
             "keyprovider",
             "--listen",
             f"127.0.0.1:{port}",
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
         step("starting the development KBS (loopback, random port)")
         kbs = subprocess.Popen(
-            cvm_agent(
+            cvm_tools(
                 "dev-kbs",
                 "--resources",
                 str(root / "resources"),

@@ -41,34 +41,10 @@ CDH_SERVICES = (
     "api.ImagePullService",
 )
 
-# Most specific first: the first matching class decides.
-_STATUS_TABLE: tuple[tuple[type[errors.AgentError], StatusCode], ...] = (
-    (errors.InvalidResourceUri, StatusCode.INVALID_ARGUMENT),
-    (errors.InvalidRequest, StatusCode.INVALID_ARGUMENT),
-    (errors.NotSupported, StatusCode.UNIMPLEMENTED),
-    (errors.ConfigError, StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceNotFound, StatusCode.NOT_FOUND),
-    (errors.AttestationRejected, StatusCode.PERMISSION_DENIED),
-    (errors.KbsTransportError, StatusCode.UNAVAILABLE),
-    (errors.KbsProtocolError, StatusCode.INTERNAL),
-    (errors.KbsError, StatusCode.UNAVAILABLE),
-    (errors.TeeUnavailable, StatusCode.UNAVAILABLE),
-    (errors.EvidenceMismatch, StatusCode.FAILED_PRECONDITION),
-    (errors.DeviceError, StatusCode.INTERNAL),
-    (errors.TsmGenerationError, StatusCode.ABORTED),
-    (errors.EvidenceParseError, StatusCode.INTERNAL),
-    (errors.TeeError, StatusCode.INTERNAL),
-    (errors.DecryptionError, StatusCode.INTERNAL),
-    (errors.AgentError, StatusCode.INTERNAL),
-)
-
 
 def status_for(error: errors.AgentError) -> StatusCode:
-    """The RPC status for a domain error (never UNKNOWN for an AgentError)."""
-    for cls, code in _STATUS_TABLE:
-        if isinstance(error, cls):
-            return code
-    return StatusCode.INTERNAL  # pragma: no cover - AgentError is the last row
+    """The RPC status for a domain error: the one its class declares (never UNKNOWN for an AgentError)."""
+    return type(error).rpc_status
 
 
 Handler = Callable[[Any], Awaitable[Message]]
@@ -186,7 +162,7 @@ def keyprovider_methods(*, wrap: KeyProviderHandler | None, unwrap: KeyProviderH
 
     async def wrap_key(req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
         if wrap is None:
-            msg = "WrapKey is not served inside the guest; use `cvm-agent keyprovider` on the image owner's side"
+            msg = "WrapKey is not served inside the guest; use `cvm-tools keyprovider` on the image owner's side"
             raise errors.NotSupported(msg)
         return pb.KeyProviderKeyWrapProtocolOutput(
             KeyProviderKeyWrapProtocolOutput=await wrap(req.KeyProviderKeyWrapProtocolInput)

@@ -60,3 +60,24 @@ def remove_socket(path: str) -> None:
         info = os.lstat(path)
         if stat.S_ISSOCK(info.st_mode):
             os.unlink(path)  # noqa: PTH108
+
+
+def check_listen(address: str | tuple[str, int]) -> None:
+    """Bind `address` (a unix socket path, or a TCP `(host, port)`) once ourselves and release it, so that an
+    unusable address is reported as `cannot listen on ADDR: <reason>` before a server library prints its own
+    lines. Raises `ConfigError`; a live socket file or a non-socket at the path is reported as such."""
+    shown = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    try:
+        if isinstance(address, str):
+            prepare_socket_path(address)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.bind(address)
+            os.unlink(address)  # noqa: PTH108
+        else:
+            family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+                probe.bind(address)
+    except OSError as exc:
+        msg = f"cannot listen on {shown}: {exc.strerror or 'the address cannot be bound'}"
+        raise ConfigError(msg, key="socket") from None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -16,12 +16,26 @@ from agent import log as agent_log
 from agent.compat.refconfig import KbcParams, cmdline_value, parse_kbc_params
 from agent.errors import AgentError, ConfigError
 
-__all__ = ["configure_logging", "discover_kbc", "read_kernel_cmdline", "run_command", "wait_for_stop"]
+__all__ = [
+    "add_version_flag",
+    "configure_logging",
+    "discover_kbc",
+    "read_kernel_cmdline",
+    "run_command",
+    "wait_for_stop",
+]
 
 log = structlog.get_logger("agent.compat")
 
 DEFAULT_CMDLINE = "/proc/cmdline"
 _RUST_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "error": "error", "off": "error"}
+
+
+def add_version_flag(parser: argparse.ArgumentParser) -> None:
+    """`-V`/`--version`, as the reference binaries (clap) answer it: the program name and the package version."""
+    from agent import __version__
+
+    parser.add_argument("-V", "--version", action="version", version=f"{parser.prog} {__version__} (cvm-agent)")
 
 
 def configure_logging(config_level: str | None, flag_level: str | None) -> None:
@@ -75,13 +89,7 @@ def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 async def wait_for_stop() -> None:
     """Return on SIGTERM, SIGINT or SIGHUP (the reference exits on SIGINT and SIGHUP)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    from agent.app import stop_signals
+
+    with stop_signals() as stop:
         await stop.wait()
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)

@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-a", "--aa_addr", default=DEFAULT_AA_SOCKET, help="AA ttRPC socket")
     parser.add_argument("-c", "--cdh_addr", default=DEFAULT_CDH_SOCKET, help="CDH ttRPC socket")
     parser.add_argument("--log-level", help="debug, info, warning or error")
+    common.add_version_flag(parser)
     return parser
 
 

@@ -11,8 +11,8 @@ ASCII bytes `"<header>.<payload>"`; the payload is JSON `{"version":"0.1.0","typ
     jwk = fetch(secret.kid)                       # I/O, elsewhere
     payload = verify(secret, jwk)                 # VaultSecret | EnvelopeSecret, or InvalidRequest
 
-`parse_unverified` is the insecure skip-verification mode, and `seal` / `generate_signing_key` serve users who
-create sealed secrets.
+`parse_unverified` is the insecure skip-verification mode. Creating sealed secrets is an owner's job:
+`cvm_tools.sign.seal` in the tools distribution.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import jws
@@ -32,8 +31,6 @@ from agent.keyprovider.annotation import WrapType
 from agent.strictjson import b64decode_std
 from agent.strictjson import b64encode_std as _b64encode_std
 from agent.strictjson import b64url_decode as _b64url_decode
-from agent.strictjson import b64url_encode as _b64url_encode
-from agent.strictjson import dump_json as _dump_json
 from agent.strictjson import load_json_object as _load_json_object
 from agent.strictjson import shown as _shown
 
@@ -41,12 +38,10 @@ __all__ = [
     "EnvelopeSecret",
     "SealedSecret",
     "VaultSecret",
-    "generate_signing_key",
     "kid_is_resource_uri",
     "parse",
     "parse_payload",
     "parse_unverified",
-    "seal",
     "verify",
     "MAX_SEALED_SECRET_SIZE",
     "SECRET_VERSION",
@@ -253,38 +248,6 @@ def parse_payload(data: bytes) -> VaultSecret | EnvelopeSecret:
     got = _shown(kind) if isinstance(kind, str) else _json_kind(obj, "type")
     msg = f"sealed secret `type` is {got}, expected 'vault' or 'envelope'."
     raise InvalidRequest(msg)
-
-
-def seal(payload: VaultSecret | EnvelopeSecret, signing_key: ec.EllipticCurvePrivateKey, kid: str) -> str:
-    """Sign `payload` with a P-256 key as `sealed.<header>.<payload>.<signature>`, header `{"alg":"ES256","kid"}`.
-
-    Raises `TypeError` for a key on another curve and `ValueError` for an empty `kid`.
-    """
-    if not isinstance(signing_key.curve, ec.SECP256R1):
-        msg = f"signing key is on {signing_key.curve.name}, expected secp256r1 (P-256) for ES256"
-        raise TypeError(msg)
-    if not kid:
-        msg = "`kid` must be a non-empty key id"
-        raise ValueError(msg)
-    header_b64 = _b64url_encode(_dump_json({"alg": ALGORITHM, "kid": kid}))
-    payload_b64 = _b64url_encode(_dump_json(payload.to_json_object()))
-    signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
-    signature = jws.sign(signing_key, signing_input)
-    return f"{SEALED_PREFIX}{header_b64}.{payload_b64}.{_b64url_encode(signature)}"
-
-
-def generate_signing_key() -> tuple[bytes, bytes]:
-    """A fresh P-256 key: (private key as unencrypted PKCS#8 PEM, public JWK as JSON bytes)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    numbers = key.public_key().public_numbers()
-    jwk = {
-        "kty": "EC",
-        "crv": "P-256",
-        "x": _b64url_encode(numbers.x.to_bytes(_P256_COORDINATE_SIZE, "big")),
-        "y": _b64url_encode(numbers.y.to_bytes(_P256_COORDINATE_SIZE, "big")),
-    }
-    return pem, _dump_json(jwk)
 
 
 def kid_is_resource_uri(kid: str) -> bool:

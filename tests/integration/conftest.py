@@ -16,15 +16,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from cvm_tools.devkbs.server import DevKbsServer
 from google.protobuf.message import Message
 
-from agent.api.grpc_server import GrpcServer
-from agent.api.methods import build_methods
-from agent.config import ListenAddress
-from agent.devkbs.server import DevKbsServer
+from agent.app import App
+from agent.config import Config, DataHubConfig, KbsConfig, ListenAddress
 from agent.kbs.client import KbsClient
 from agent.kbs.jwe import KeyAlgorithm
-from agent.service import AttestationAgent, DataHub
 from agent.tee.sample import SampleAttester
 
 SECRET = b"top-secret-resource-\x00\x01\x02-value"
@@ -47,9 +45,13 @@ def dev_kbs(resources: Path) -> Iterator[DevKbsServer]:
 @dataclass
 class RunningAgent:
     socket: str
-    kbs: KbsClient
-    server: GrpcServer
+    app: App
     channel: grpc.aio.Channel
+
+    @property
+    def kbs(self) -> KbsClient:
+        assert self.app.kbs is not None
+        return self.app.kbs
 
     async def call(self, path: str, request: Message, response_type: type[Any]) -> Any:
         stub: Any = self.channel.unary_unary(
@@ -71,18 +73,21 @@ async def start_agent(
     hub_options: dict[str, Any] | None = None,
     **kbs_options: Any,
 ) -> RunningAgent:
-    attester = SampleAttester()
-    kbs = KbsClient(url=kbs_url, attester=attester, key_algorithm=algorithm, **kbs_options)
-    hub = DataHub(kbs, **(hub_options or {}))
-    server = GrpcServer(build_methods(AttestationAgent(attester, kbs), hub), [ListenAddress(unix_path=socket)])
-    await server.start()
-    return RunningAgent(socket, kbs, server, grpc.aio.insecure_channel(f"unix:{socket}"))
+    """`cvm-agent serve` in this process, built by the composition root: config-like options go into the
+    `Config`; `clock`, `sleep` and `transport` are the KBS client's test seams."""
+    seams: dict[str, Any] = {n: kbs_options.pop(n) for n in ("clock", "sleep", "transport") if n in kbs_options}
+    renamed = {"refresh_margin_s": "token_refresh_margin_s"}
+    kbs = KbsConfig(url=kbs_url, tee_key_algorithm=algorithm, **{renamed.get(k, k): v for k, v in kbs_options.items()})
+    config = Config(socket=ListenAddress(unix_path=socket), kbs=kbs, data_hub=DataHubConfig(**(hub_options or {})))
+    app = App(config, attester=SampleAttester(), kbs_seams=seams)
+    await app.start()
+    await app.complete_startup()
+    return RunningAgent(socket, app, grpc.aio.insecure_channel(f"unix:{socket}"))
 
 
 async def stop_agent(agent: RunningAgent) -> None:
     await agent.channel.close()
-    await agent.server.stop(0.5)
-    await agent.kbs.aclose()
+    await agent.app.close()
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import pytest
 import structlog
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent import log as agent_log
 from agent.api._gen import api_pb2
 from agent.api._gen import attestation_agent_pb2 as aa
-from agent.devkbs.server import DevKbsServer
 from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt
 from tests.integration.conftest import SECRET, RunningAgent, TlsFiles, start_agent, stop_agent
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 
-from agent.devkbs.server import DevKbsServer
 from tests.integration.conftest import SECRET
 from tests.integration.hw_fixtures import HwDaemon
 
@@ -22,6 +23,10 @@ pytestmark = pytest.mark.integration
 
 def cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, timeout=60, check=check)
+
+
+def tools(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "cvm_tools.cli", *args], capture_output=True, timeout=60, check=False)
 
 
 Daemon = HwDaemon  # `cvm-agent serve` in a subprocess, ready through NOTIFY_SOCKET
@@ -68,6 +73,64 @@ def test_exit_codes(daemon: Daemon, tmp_path: Path) -> None:
     assert b"not reachable" in unreachable.stderr
     assert cli("evidence", "--socket", daemon.socket, "--runtime-data", "!!").returncode == 2
     assert cli("no-such-command").returncode == 2
+
+
+def test_kbs_down_is_not_reported_as_agent_unreachable(tmp_path: Path) -> None:
+    from tests.integration.test_kata_dropin import free_port
+
+    running = Daemon(tmp_path, "--tee", "sample", "--kbs-url", f"http://127.0.0.1:{free_port()}")
+    try:
+        running.wait_ready()
+        result = cli("resource", "kbs:///default/key/1", "--socket", running.socket)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith(b"cvm-agent: UNAVAILABLE: ")
+        assert b"not reachable at" not in result.stderr
+    finally:
+        assert running.stop() == 0
+
+
+@pytest.mark.parametrize("binary", ["cvm-agent", "attestation-agent", "confidential-data-hub", "api-server-rest"])
+def test_every_binary_answers_version(binary: str) -> None:
+    from agent import __version__
+
+    for flag in ("--version", "-V"):
+        result = subprocess.run(
+            [Path(sys.executable).parent / binary, flag], capture_output=True, timeout=60, check=False
+        )
+        assert result.returncode == 0
+        assert result.stdout.startswith(f"{binary} {__version__}".encode())
+
+
+def test_a_bad_flag_shows_the_subcommand_usage() -> None:
+    result = cli("resource", "kbs:///default/key/1", "--bogus")
+    assert result.returncode == 2
+    assert result.stderr.startswith(b"usage: cvm-agent resource ")
+    assert result.stderr.endswith(b"error: unrecognized arguments: --bogus\n")
+
+
+def test_a_missing_file_is_named_without_exception_text(tmp_path: Path) -> None:
+    result = cli("unseal", f"@{tmp_path / 'nope.txt'}", "--socket", str(tmp_path / "x.sock"))
+    assert result.returncode == 2
+    assert result.stderr == f"cvm-agent: cannot use {tmp_path / 'nope.txt'}: No such file or directory\n".encode()
+
+
+def test_an_unusable_listen_address_is_named(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = cli("serve", "--tee", "sample", "--socket", f"127.0.0.1:{port}")
+    assert result.returncode == 2
+    assert f"cvm-agent: cannot listen on 127.0.0.1:{port}: Address already in use".encode() in result.stderr
+    assert b"add_port" not in result.stderr
+    assert b"Traceback" not in result.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    result = cli("serve", "--tee", "sample", "--socket", str(blocked / "agent.sock"))
+    assert result.returncode == 2
+    assert f"cannot listen on {blocked / 'agent.sock'}: Not a directory".encode() in result.stderr
 
 
 def test_sigterm_stops_cleanly_and_removes_socket(tmp_path: Path, dev_kbs: DevKbsServer) -> None:
@@ -129,9 +192,17 @@ def test_check_config(tmp_path: Path) -> None:
 
 def test_help_mentions_every_command() -> None:
     result = cli("--help")
-    for command in (b"serve", b"tee", b"evidence", b"token", b"resource", b"dev-kbs", b"check-config"):
+    for command in (b"serve", b"tee", b"evidence", b"token", b"resource", b"check-config", b"unwrap", b"unseal"):
         assert command in result.stdout
     assert b"exit codes" in result.stdout
+    for owner_command in ("dev-kbs", "keyprovider", "seal"):  # the tools distribution's, never the guest's
+        assert re.search(rf"^\s+{owner_command}\s".encode(), result.stdout, re.MULTILINE) is None
+        refused = cli(owner_command)
+        assert refused.returncode == 2
+        assert b"invalid choice" in refused.stderr
+    listed = tools("--help").stdout
+    for command in (b"dev-kbs", b"keyprovider", b"seal"):
+        assert command in listed
 
 
 async def test_one_daemon_serves_ttrpc_on_the_reference_sockets_too(tmp_path: Path, dev_kbs: DevKbsServer) -> None:
@@ -173,11 +244,11 @@ def test_seal_unseal_and_unwrap_commands(daemon: Daemon, tmp_path: Path, resourc
     from agent.keyprovider import annotation
 
     prefix = tmp_path / "sealing"
-    assert cli("seal", "--generate-key", str(prefix)).returncode == 0
+    assert tools("seal", "--generate-key", str(prefix)).returncode == 0
     assert (prefix.with_suffix(".pem").stat().st_mode & 0o777) == 0o600
     (resources / "default" / "sealing").mkdir()
     (resources / "default" / "sealing" / "pub").write_bytes(prefix.with_suffix(".jwk").read_bytes())
-    sealed = cli(
+    sealed = tools(
         "seal", "--signing-key", str(prefix.with_suffix(".pem")), "--kid", "kbs:///default/sealing/pub",
         "--name", "kbs:///default/key/1",
     )  # fmt: skip
@@ -187,7 +258,7 @@ def test_seal_unseal_and_unwrap_commands(daemon: Daemon, tmp_path: Path, resourc
     unsealed = cli("unseal", f"@{tmp_path / 'secret.txt'}", "--socket", daemon.socket)
     assert unsealed.returncode == 0, unsealed.stderr
     assert unsealed.stdout == SECRET
-    assert cli("seal", "--kid", "x").returncode == 2
+    assert tools("seal", "--kid", "x").returncode == 2
 
     kek = bytes(range(32))
     (resources / "default" / "image-kek").mkdir()
@@ -211,7 +282,7 @@ def test_keyprovider_command_serves_wrapkey(tmp_path: Path) -> None:
     (tmp_path / "kek").write_bytes(bytes(32))
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "agent", "keyprovider", "--listen", f"127.0.0.1:{port}", "--kek-file",
+        [sys.executable, "-m", "cvm_tools.cli", "keyprovider", "--listen", f"127.0.0.1:{port}", "--kek-file",
          str(tmp_path / "kek"), "--kid", "kbs:///default/image-kek/fixed", "--log-level", "warning"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

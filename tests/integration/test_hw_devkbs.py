@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cvm_tools.devkbs.core import DevKbsCore, Response
+from cvm_tools.devkbs.server import DevKbsServer
 
-from agent.devkbs.core import DevKbsCore, Response
-from agent.devkbs.server import DevKbsServer
 from agent.kbs import protocol
 from agent.tee import ccel
 from tests.fakes.tsmfs import DEFAULT_SNP_TEMPLATE, DEFAULT_TDX_TEMPLATE, snp_report_with, tdx_quote_with

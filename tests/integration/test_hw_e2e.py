@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 
-from agent.devkbs.server import DevKbsServer
 from agent.tee import snp
 from tests.fakes.tsmfs import DEFAULT_CERT_TABLE, MountedTsm, TsmFsOptions, mounted_tsm
 from tests.integration.conftest import SECRET

@@ -19,16 +19,17 @@ import grpc.aio
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cvm_tools import sign
+from cvm_tools.devkbs.server import DevKbsServer
+from cvm_tools.keyprovider.owner import OwnerOptions, build_provider
 
 from agent.api._gen import api_pb2
 from agent.api._gen import keyprovider_pb2 as kp
 from agent.api.grpc_server import GrpcServer
 from agent.api.methods import keyprovider_methods
 from agent.config import ListenAddress
-from agent.devkbs.server import DevKbsServer
 from agent.keyprovider import messages
 from agent.keyprovider.annotation import WrapType
-from agent.keyprovider.owner import OwnerOptions, build_provider
 from agent.secrets import sealed
 from tests.integration.conftest import SECRET, RunningAgent, start_agent, stop_agent
 from tests.unit.keyprovider.test_service import OPTSDATA, go_wrap_request
@@ -220,13 +221,13 @@ async def unseal(agent: RunningAgent, secret: str) -> bytes:
 class TestSealedSecrets:
     @pytest.fixture
     def signing(self, resources: Path) -> Any:
-        private_pem, public_jwk = sealed.generate_signing_key()
+        private_pem, public_jwk = sign.generate_signing_key()
         (resources / "default" / "sealing").mkdir(parents=True)
         (resources / "default" / "sealing" / "pub").write_bytes(public_jwk)
         return serialization.load_pem_private_key(private_pem, password=None)
 
     async def test_vault_secret_with_kbs_key(self, guest: RunningAgent, signing: Any) -> None:
-        secret = sealed.seal(
+        secret = sign.seal(
             sealed.VaultSecret(name="kbs:///default/key/1", provider="kbs"), signing, "kbs:///default/sealing/pub"
         )
         assert await unseal(guest, secret) == SECRET
@@ -241,9 +242,9 @@ class TestSealedSecrets:
             str(tmp_path / "l.sock"), admin_kbs.url, hub_options={"sealed_secret_key_dir": str(key_dir)}
         )
         try:
-            secret = sealed.seal(sealed.VaultSecret(name="kbs:///default/key/1", provider="kbs"), signing, "local-key")
+            secret = sign.seal(sealed.VaultSecret(name="kbs:///default/key/1", provider="kbs"), signing, "local-key")
             assert await unseal(agent, secret) == SECRET
-            traversal = sealed.seal(
+            traversal = sign.seal(
                 sealed.VaultSecret(name="kbs:///default/key/1", provider="kbs"), signing, "../keys/local-key"
             )
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -253,7 +254,7 @@ class TestSealedSecrets:
             await stop_agent(agent)
 
     async def test_tampered_secret_rejected(self, guest: RunningAgent, signing: Any) -> None:
-        secret = sealed.seal(
+        secret = sign.seal(
             sealed.VaultSecret(name="kbs:///default/key/1", provider="kbs"), signing, "kbs:///default/sealing/pub"
         )
         prefix, header, _payload, signature = secret.split(".")
@@ -287,7 +288,7 @@ class TestSealedSecrets:
             iv=bytes(12),
             provider="aliyun",
         )
-        secret = sealed.seal(envelope, signing, "kbs:///default/sealing/pub")
+        secret = sign.seal(envelope, signing, "kbs:///default/sealing/pub")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await unseal(guest, secret)
         assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED

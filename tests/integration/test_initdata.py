@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent.api._gen import attestation_agent_pb2 as aa
 from agent.api.ttrpc import TtrpcClient
-from agent.devkbs.server import DevKbsServer
 from agent.initdata import MISMATCH_MESSAGE
 from tests.fakes.tsmfs import DEFAULT_SNP_TEMPLATE, TsmFsOptions, mounted_tsm
 from tests.integration.hw_fixtures import path_flags
@@ -160,3 +160,50 @@ async def test_sample_tee_ignores_initdata_with_a_log_line(
         assert "initdata.unbound" in run.log.read_text()
     finally:
         launcher.stop_all()
+
+
+@pytest.mark.parametrize("matches", [True, False], ids=["match", "mismatch"])
+async def test_serve_binds_initdata_like_the_drop_in(
+    tmp_path: Path, short_root: Path, dev_kbs: DevKbsServer, matches: bool
+) -> None:
+    """`cvm-agent serve --initdata-toml` goes through the same composition root as the drop-in: the binding is
+    checked before READY=1, a mismatch exits 1 with the reference's message, and the KBS sees the document."""
+    import grpc
+
+    from tests.integration.hw_fixtures import HwDaemon
+
+    toml = initdata("sha384")
+    digest = hashlib.sha384(toml).digest()
+    quote = bytearray(TDX_QUOTE.read_bytes())
+    quote[QUOTE_MRCONFIGID] = digest
+    (tmp_path / "quote.dat").write_bytes(bytes(quote))
+    (short_root / "initdata.toml").write_bytes(toml)
+    folder = tdx_measurements(tmp_path / "measurements", digest if matches else bytes(48))
+    options = TsmFsOptions(provider="tdx_guest", tdx_template=str(tmp_path / "quote.dat"))
+    with mounted_tsm(options, workdir=tmp_path) as tsm:
+        flags = [*path_flags(tmp_path, tsm_root=tsm.root), "--tdx-measurements-dir", str(folder)]
+        daemon = HwDaemon(
+            short_root, "--kbs-url", dev_kbs.url, "--initdata-toml", str(short_root / "initdata.toml"), *flags
+        )
+        if not matches:
+            assert daemon.process.wait(timeout=30) == 1
+            assert daemon.stop() == 1
+            assert MISMATCH_MESSAGE in daemon.log
+            assert digest.hex() in daemon.log
+            assert not Path(daemon.socket).exists()
+            return
+        try:
+            daemon.wait_ready()
+            async with grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:
+                get_token = channel.unary_unary(
+                    "/attestation_agent.AttestationAgentService/GetToken",
+                    request_serializer=aa.GetTokenRequest.SerializeToString,
+                    response_deserializer=aa.GetTokenResponse.FromString,
+                )
+                reply = await get_token(aa.GetTokenRequest(TokenType="kbs"), timeout=30)
+            claims = dev_kbs.core.verify_token(json.loads(reply.Token)["token"])
+            assert claims is not None
+            tdx_claims = claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]
+            assert tdx_claims["init_data"] == base64.b64encode(digest).decode()
+        finally:
+            assert daemon.stop() == 0

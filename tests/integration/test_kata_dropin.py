@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent.api._gen import api_pb2
 from agent.api._gen import attestation_agent_pb2 as aa
 from agent.api._gen import keyprovider_pb2 as kp
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc import TtrpcClient
-from agent.devkbs.server import DevKbsServer
 from agent.keyprovider import annotation
 from tests.integration.conftest import SECRET
 

@@ -1,4 +1,4 @@
-"""Pure modules stay free of I/O: they must not import os, sockets, asyncio, HTTP, RPC or logging code."""
+"""The house's walls: pure modules free of I/O, one ioctl site, and a guest package that never imports a tool."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2] / "agent"
+REPO = Path(__file__).resolve().parents[2]
+ROOT = REPO / "agent"
+TOOLS = REPO / "tools" / "cvm_tools"
 PURE = [
     "errors.py",
     "kbs/jcs.py",
@@ -46,9 +48,27 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-@pytest.mark.parametrize("module", [m for m in PURE if (ROOT / m).exists()])
+@pytest.mark.parametrize("module", PURE)
 def test_pure_module_has_no_io_imports(module: str) -> None:
+    assert (ROOT / module).is_file(), f"{module} is listed as pure but does not exist: update PURE"
     assert imported_roots(ROOT / module) & FORBIDDEN == set()
+
+
+def test_guest_package_never_imports_the_tools() -> None:
+    """What runs in a TEE installs nothing it does not run: no dev KBS, no token minting, no wrapping."""
+    offenders = sorted(str(p.relative_to(REPO)) for p in ROOT.rglob("*.py") if "cvm_tools" in imported_roots(p))
+    assert offenders == []
+
+
+def test_guest_package_has_no_signing_code() -> None:
+    """Signing keys and minting tokens belong to the tools: no guest module calls a private key's `sign`."""
+    offenders = sorted(
+        str(p.relative_to(REPO))
+        for p in ROOT.rglob("*.py")
+        if "_gen" not in p.parts and (".sign(" in p.read_text() or "encode_compact" in p.read_text())
+    )
+    assert offenders == []
+    assert (TOOLS / "sign.py").is_file()
 
 
 def test_only_device_module_calls_ioctl() -> None:

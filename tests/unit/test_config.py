@@ -14,6 +14,7 @@ from agent.kbs.jwe import KeyAlgorithm
 def test_defaults() -> None:
     cfg = config.load(None)
     assert cfg.tee == "auto"
+    assert cfg.socket is not None
     assert cfg.socket.unix_path == "/run/confidential-containers/cvm-agent/agent.sock"
     assert cfg.kbs.url is None
     assert cfg.kbs.tee_key_algorithm is KeyAlgorithm.EC_P256
@@ -40,6 +41,7 @@ format = "json"
     )
     cfg = config.load(path)
     assert cfg.tee == "sample"
+    assert cfg.socket is not None
     assert cfg.socket.unix_path == "/tmp/x.sock"
     assert [str(a) for a in cfg.grpc_listen] == ["127.0.0.1:50002", "[::1]:50003", "127.0.0.1:50004"]
     assert cfg.kbs.url == "https://kbs.example:8080"
@@ -89,6 +91,7 @@ def test_cli_overrides_name_the_flag() -> None:
         cfg.with_overrides(kbs_url="nope")
     overridden = cfg.with_overrides(tee="sample", socket="/tmp/s", kbs_url="http://127.0.0.1:1", kbs_cert="/c.pem")
     assert overridden.tee == "sample"
+    assert overridden.socket is not None
     assert overridden.socket.unix_path == "/tmp/s"
     assert overridden.kbs.insecure_http
     assert overridden.kbs.cert_path == "/c.pem"

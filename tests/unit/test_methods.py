@@ -14,18 +14,38 @@ from agent.tee.sample import SampleAttester
 
 
 def all_error_classes() -> list[type[errors.AgentError]]:
-    return [
-        cls
-        for _, cls in inspect.getmembers(errors, inspect.isclass)
-        if issubclass(cls, errors.AgentError) and cls is not errors.AgentError
-    ]
+    found = [cls for _, cls in inspect.getmembers(errors, inspect.isclass) if issubclass(cls, errors.AgentError)]
+    assert sorted(c.__name__ for c in found) == sorted(errors.__all__)  # every class is public and walked here
+    return found
+
+
+# What each error means to a caller. A new class must be added here with the status it was given.
+EXPECTED_STATUS = {
+    "AgentError": StatusCode.INTERNAL,
+    "ConfigError": StatusCode.FAILED_PRECONDITION,
+    "TeeError": StatusCode.INTERNAL,
+    "TeeUnavailable": StatusCode.UNAVAILABLE,
+    "DeviceError": StatusCode.INTERNAL,
+    "TsmGenerationError": StatusCode.ABORTED,
+    "EvidenceParseError": StatusCode.INTERNAL,
+    "EvidenceMismatch": StatusCode.FAILED_PRECONDITION,
+    "KbsError": StatusCode.UNAVAILABLE,
+    "KbsTransportError": StatusCode.UNAVAILABLE,
+    "KbsProtocolError": StatusCode.UNAVAILABLE,  # a KBS that answers garbage is an upstream failure
+    "AttestationRejected": StatusCode.PERMISSION_DENIED,
+    "ResourceNotFound": StatusCode.NOT_FOUND,
+    "InvalidResourceUri": StatusCode.INVALID_ARGUMENT,
+    "DecryptionError": StatusCode.INTERNAL,
+    "InvalidRequest": StatusCode.INVALID_ARGUMENT,
+    "NotSupported": StatusCode.UNIMPLEMENTED,
+}
 
 
 @pytest.mark.parametrize("cls", all_error_classes(), ids=lambda c: c.__name__)
-def test_every_error_maps_to_a_specific_status(cls: type[errors.AgentError]) -> None:
+def test_every_error_declares_its_own_status(cls: type[errors.AgentError]) -> None:
+    assert "rpc_status" in vars(cls), f"{cls.__name__} inherits its RPC status; declare it in the class"
     error = cls.__new__(cls)
-    code = methods.status_for(error)
-    assert code not in (StatusCode.UNKNOWN, StatusCode.OK)
+    assert methods.status_for(error) is EXPECTED_STATUS[cls.__name__]
 
 
 def test_reference_method_paths() -> None:

@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cvm_tools.sign import generate_signing_key, seal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jwcrypto import jwk as jw_jwk
@@ -23,12 +24,10 @@ from agent.secrets.sealed import (
     EnvelopeSecret,
     SealedSecret,
     VaultSecret,
-    generate_signing_key,
     kid_is_resource_uri,
     parse,
     parse_payload,
     parse_unverified,
-    seal,
     verify,
 )
 

@@ -1,4 +1,4 @@
-"""`cvm-agent keyprovider`: the image owner's wrap-only key provider for skopeo/ocicrypt. Orchestrator.
+"""`cvm-tools keyprovider`: the image owner's wrap-only key provider for skopeo/ocicrypt. Orchestrator.
 
 Serves `keyprovider.KeyProviderService/WrapKey` over gRPC on a loopback `host:port` or a unix socket (the Go
 ocicrypt client dials `host:port` or `unix://` targets). Runs outside the TEE; it never unwraps.
@@ -17,14 +17,17 @@ import structlog
 from agent.api.grpc_server import GrpcServer
 from agent.api.methods import keyprovider_methods
 from agent.config import ListenAddress
-from agent.errors import ConfigError
-from agent.kbs.admin import mint_admin_token, register_resource
+from agent.errors import ConfigError, InvalidResourceUri
+from agent.kbs.resource import parse_resource_uri
 from agent.keyprovider.annotation import WrapType
-from agent.keyprovider.service import KekStore, WrapKeyProvider
+from cvm_tools.admin import load_admin_key, mint_admin_token, register_resource
+from cvm_tools.keyprovider.wrap import KekStore, WrapKeyProvider
 
 __all__ = ["OwnerOptions", "build_provider", "serve"]
 
-log = structlog.get_logger("agent.keyprovider")
+log = structlog.get_logger("cvm_tools.keyprovider")
+
+DEFAULT_REGISTER_PREFIX = "kbs:///default/image-kek/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,6 +43,8 @@ class OwnerOptions:
     admin_key_file: str | None = None
     admin_token_file: str | None = None
     admin_claims: str | None = None
+    keypath_dir: str | None = None
+    register_prefix: str = DEFAULT_REGISTER_PREFIX
 
 
 def _read(path: str, what: str) -> bytes:
@@ -55,6 +60,19 @@ def build_provider(options: OwnerOptions) -> WrapKeyProvider:
     kek = _read(options.kek_file, "--kek-file") if options.kek_file else None
     if kek is not None and len(kek) != 32:
         msg = f"--kek-file holds {len(kek)} bytes, expected 32 (an AES-256 key)"
+        raise ConfigError(msg, key="--kek-file")
+    if options.kid is not None:
+        _check_kid(options.kid, "--kid")
+    prefix = _check_prefix(options.register_prefix)
+    if options.kid is not None and kek is None and not options.kid.startswith(prefix):
+        msg = f"--kid {options.kid!r} is outside --register-prefix {prefix!r}; generated KEKs are only stored there"
+        raise ConfigError(msg, key="--kid")
+    keypath_dir = _keypath_dir(options.keypath_dir)
+    if kek is None and options.kek_dir is None and options.kbs_url is None and keypath_dir is None:
+        msg = (
+            "no KEK source: pass --kek-file, --kek-dir, --kbs-url with admin credentials (to register generated "
+            "KEKs), or --keypath-dir (to allow keypath= from callers)"
+        )
         raise ConfigError(msg, key="--kek-file")
     register = None
     if options.kbs_url is not None:
@@ -73,14 +91,18 @@ def build_provider(options: OwnerOptions) -> WrapKeyProvider:
             else:
                 msg = "--admin-claims is not a JSON object"
                 raise ConfigError(msg, key="--admin-claims")
-        admin_key = _read(options.admin_key_file, "--admin-key") if options.admin_key_file else None
+        admin_key = load_admin_key(_read(options.admin_key_file, "--admin-key")) if options.admin_key_file else None
         admin_token = (
             _read(options.admin_token_file, "--admin-token-file").decode().strip() if options.admin_token_file else None
         )
         url, cert = options.kbs_url, options.kbs_cert
 
         async def register_kek(kid: str, data: bytes) -> None:
-            token = admin_token if admin_token is not None else mint_admin_token(admin_key or b"", extra_claims=extra)
+            if admin_token is not None:
+                token = admin_token
+            else:
+                assert admin_key is not None  # exactly one of the two was checked above
+                token = mint_admin_token(admin_key, extra_claims=extra)
             await register_resource(url, kid, data, token=token, cert_path=cert)
             log.info("keyprovider.kek_registered", kid=kid, kbs=url)
 
@@ -92,9 +114,35 @@ def build_provider(options: OwnerOptions) -> WrapKeyProvider:
         provider_name=options.provider_name,
         kek=kek,
         kid=options.kid,
-        store=KekStore(register=register, directory=directory),
+        store=KekStore(register=register, directory=directory, prefix=prefix),
         default_algorithm=options.algorithm,
+        keypath_dir=keypath_dir,
     )
+
+
+def _check_kid(kid: str, flag: str) -> None:
+    try:
+        parse_resource_uri(kid)
+    except InvalidResourceUri as exc:
+        msg = f"{flag} {kid!r} is not a resource URI, expected kbs:///<repo>/<type>/<tag>"
+        raise ConfigError(msg, key=flag) from exc
+
+
+def _check_prefix(prefix: str) -> str:
+    if not prefix.startswith("kbs:///") or not prefix.endswith("/") or prefix.count("/") not in (4, 5):
+        msg = f"--register-prefix {prefix!r} is not kbs:///<repo>/ or kbs:///<repo>/<type>/"
+        raise ConfigError(msg, key="--register-prefix")
+    return prefix
+
+
+def _keypath_dir(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    directory = Path(path).resolve()
+    if not directory.is_dir():
+        msg = f"--keypath-dir {path!r} is not a directory"
+        raise ConfigError(msg, key="--keypath-dir")
+    return directory
 
 
 async def serve(options: OwnerOptions, *, ready: asyncio.Event | None = None) -> int:

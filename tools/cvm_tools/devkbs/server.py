@@ -9,11 +9,11 @@ from pathlib import Path
 
 import structlog
 
-from agent.devkbs.core import MAX_BODY, DevKbsCore
+from cvm_tools.devkbs.core import MAX_BODY, DevKbsCore
 
 __all__ = ["DevKbsServer"]
 
-log = structlog.get_logger("agent.devkbs")
+log = structlog.get_logger("cvm_tools.devkbs")
 
 
 class _Handler(BaseHTTPRequestHandler):

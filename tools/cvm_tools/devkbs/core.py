@@ -5,7 +5,7 @@ Behaves as Trustee's KBS does for the sample TEE (kbs-protocol.md §2-§10): the
 carrying `tee-pubkey`, JWE responses, and Trustee's status codes and `{"type","detail"}` error bodies (almost
 every error is 401). It is a development tool: its tokens are signed by an ephemeral key and it allows any
 evidence that binds correctly, including the mock `sample` TEE. TDX and SNP evidence is checked for structure
-and binding only (`agent.devkbs.verifiers`): no quote or report signature is verified.
+and binding only (`cvm_tools.devkbs.verifiers`): no quote or report signature is verified.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from agent import jws
-from agent.devkbs.verifiers import HARDWARE_VERIFIERS, init_data_digest
 from agent.kbs import jwe
 from agent.kbs.jcs import canonicalize
 from agent.strictjson import b64url_encode
+from cvm_tools import sign as jws_sign
+from cvm_tools.devkbs.verifiers import HARDWARE_VERIFIERS, init_data_digest
 
 __all__ = ["KNOWN_TEES", "DevKbsCore", "Response"]
 
@@ -171,7 +172,7 @@ class DevKbsCore:
                 }
             },
         }
-        return jws.encode_compact(self._signer, {"typ": "JWT", "jwk": self._signer_jwk()}, payload)
+        return jws_sign.encode_compact(self._signer, {"typ": "JWT", "jwk": self._signer_jwk()}, payload)
 
     def verify_token(self, token: str) -> dict[str, Any] | None:
         """Signature and `exp` check of a token this KBS issued; None when invalid."""

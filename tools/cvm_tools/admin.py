@@ -17,27 +17,43 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from agent import jws
-from agent.errors import KbsTransportError
+from agent.errors import ConfigError, KbsTransportError
 from agent.kbs import protocol
 from agent.kbs.client import build_ssl_context
 from agent.kbs.resource import parse_resource_uri
+from cvm_tools import sign as jws_sign
 
-__all__ = ["mint_admin_token", "register_resource"]
+__all__ = ["load_admin_key", "mint_admin_token", "register_resource"]
 
 ADMIN_TOKEN_LIFETIME_S = 2 * 3600
 
 
+def load_admin_key(private_key_pem: bytes) -> jws.PrivateKey:
+    """Parse the admin private key; `ConfigError` (never the key's bytes) when it is not an unencrypted PEM key of
+    a supported type."""
+    try:
+        key = serialization.load_pem_private_key(private_key_pem, password=None)
+    except (ValueError, TypeError):
+        msg = "--admin-key is not an unencrypted PEM private key"
+        raise ConfigError(msg, key="--admin-key") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        msg = "--admin-key must be an Ed25519, EC P-256 or RSA key"
+        raise ConfigError(msg, key="--admin-key")
+    try:
+        jws.algorithm(key)
+    except TypeError:
+        msg = "--admin-key must be an Ed25519, EC P-256 or RSA key"
+        raise ConfigError(msg, key="--admin-key") from None
+    return key
+
+
 def mint_admin_token(
-    private_key_pem: bytes, *, extra_claims: dict[str, Any] | None = None, now: float | None = None
+    key: jws.PrivateKey, *, extra_claims: dict[str, Any] | None = None, now: float | None = None
 ) -> str:
     """A compact JWT (`EdDSA` for Ed25519, `ES256` for P-256, `RS256` for RSA) valid for two hours."""
-    key = serialization.load_pem_private_key(private_key_pem, password=None)
-    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        msg = "the admin key must be Ed25519, EC P-256 or RSA"
-        raise TypeError(msg)
     issued = int(time.time() if now is None else now)
     claims = {"iat": issued, "exp": issued + ADMIN_TOKEN_LIFETIME_S, **(extra_claims or {})}
-    return jws.encode_compact(key, {"typ": "JWT"}, claims)
+    return jws_sign.encode_compact(key, {"typ": "JWT"}, claims)
 
 
 async def register_resource(

@@ -1,0 +1,397 @@
+"""The composition root: one `Config` in, the running program out. Orchestrator.
+
+Every program that serves the agent is built here and nowhere else: `cvm-agent serve`, the drop-in
+`attestation-agent` and `confidential-data-hub` (their `agent.compat` modules only translate the reference's
+flags, config files, environment and kernel command line into a `Config`), the test fixtures and the benchmarks.
+
+    app = App(config)
+    await app.start()          # binds every listener first: kata-agent waits for the socket files
+    await app.complete_startup()   # initdata binding, credentials, ocicrypt config; then TEE/KBS calls proceed
+    ...
+    await app.close()
+
+What is served follows from the config: `socket` (gRPC: the attestation agent and the data hub),
+`ttrpc_aa_socket` (the attestation agent over ttRPC), `ttrpc_cdh_socket` (the data hub over ttRPC). The
+attestation agent exists when one of its listeners does; so does the data hub. `data_hub.backend` says where
+resources come from: this process's own attested KBS session (`kbs`), tokens from an attestation agent in another
+process (`passport`, the reference CDH's `cc_kbc`), or local files (`offline`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent import __version__
+from agent.config import Config, CredentialFile
+from agent.errors import ConfigError, EvidenceMismatch, NotSupported
+
+if TYPE_CHECKING:
+    from agent.api.grpc_server import GrpcServer
+    from agent.api.ttrpc import TtrpcClient, TtrpcServer
+    from agent.initdata import InitData
+    from agent.kbs.client import KbsClient
+    from agent.service import AttestationAgent, DataHub, ResourceBackend
+    from agent.tee.base import Attester
+
+__all__ = ["AA_SERVICE", "App", "InitdataMismatch", "notify_ready", "run", "stop_signals"]
+
+log = structlog.get_logger("agent.app")
+
+AA_SERVICE = "attestation_agent.AttestationAgentService"
+AA_TOKEN_TIMEOUT_S = 50.0
+INSECURE_HTTP_WARNING = (
+    "plain HTTP to the KBS: anyone on the path, the host included, can answer the handshake and substitute any "
+    "resource; use https:// outside development"
+)
+
+
+class InitdataMismatch(Exception):
+    """The initdata digest differs from the platform's binding; the program must not serve (already reported)."""
+
+
+class App:
+    """The running program for one `Config`: services, listeners, and their start/stop lifecycle."""
+
+    def __init__(
+        self, config: Config, *, attester: Attester | None = None, kbs_seams: Mapping[str, Any] | None = None
+    ) -> None:
+        """`attester` replaces TEE selection and `kbs_seams` (clock, sleep, transport) the KBS client's time and
+        network: seams for tests and benchmarks, never set by an entry point."""
+        self.config = config
+        self._attester = attester
+        self._kbs_seams = dict(kbs_seams or {})
+        self.aa: AttestationAgent | None = None
+        self.hub: DataHub | None = None
+        self.kbs: KbsClient | None = None
+        self._backend: ResourceBackend | None = None
+        self._aa_client: TtrpcClient | None = None
+        self._initdata: InitData | None = None
+        self._initdata_digest: bytes | None = None
+        self._ready = asyncio.Event()
+        self._grpc: GrpcServer | None = None
+        self._ttrpc: list[tuple[str, TtrpcServer]] = []
+        self._started = False
+
+    @property
+    def serves_aa(self) -> bool:
+        return self.config.socket is not None or self.config.ttrpc_aa_socket is not None
+
+    @property
+    def serves_hub(self) -> bool:
+        return self.config.socket is not None or self.config.ttrpc_cdh_socket is not None
+
+    @property
+    def tee(self) -> str | None:
+        return self._attester.tee if self._attester is not None else None
+
+    async def start(self) -> None:
+        """Build the services and bind every listener. Calls that use the TEE or the KBS wait for
+        `complete_startup`; GetTeeType and the like answer at once."""
+        if self._started:
+            msg = "App.start() was already called"
+            raise RuntimeError(msg)
+        self._started = True
+        config = self.config
+        self._initdata = await asyncio.to_thread(_load_initdata, config)
+        self._initdata_digest = self._initdata.digest if self._initdata is not None else _digest_argument(config)
+        if self.serves_aa or config.data_hub.backend == "kbs":
+            if self._attester is None:
+                from agent.tee.select import make_attester
+
+                self._attester = await asyncio.to_thread(make_attester, config)  # detection probes configfs, sysfs
+            self.kbs = self._kbs_client(self._attester)
+        if self.serves_aa:
+            from agent.service import AttestationAgent
+
+            assert self._attester is not None
+            self.aa = AttestationAgent(
+                self._attester, self.kbs, ready=self._ready, eventlog_enabled=config.eventlog.enabled
+            )
+            if config.eventlog.enabled:
+                log.warning("eventlog.unsupported", reason="runtime measurement is not implemented; NOT_SUPPORTED")
+        if self.serves_hub:
+            from agent.service import DataHub
+
+            self._backend = self._resource_backend()
+            if config.data_hub.skip_sealed_secret_verification:
+                log.warning("sealed_secret.verification_disabled", warning="INSECURE: sealed secrets are not verified")
+            self.hub = DataHub(
+                self._backend,
+                kek_cache_s=config.data_hub.kek_cache_s,
+                skip_sealed_secret_verification=config.data_hub.skip_sealed_secret_verification,
+                sealed_secret_key_dir=config.data_hub.sealed_secret_key_dir,
+            )
+        await self._listen()
+
+    def _kbs_client(self, attester: Attester) -> KbsClient | None:
+        kbs = self.config.kbs
+        if kbs.url is None:
+            if self.serves_aa or self.config.data_hub.backend == "kbs":
+                log.warning("kbs.unconfigured", hint="GetToken and GetResource fail until a KBS URL is configured")
+            return None
+        if kbs.insecure_http:
+            log.warning("kbs.insecure_http", url=kbs.url, warning=INSECURE_HTTP_WARNING)
+        from agent.kbs.client import KbsClient
+
+        return KbsClient(
+            url=kbs.url,
+            attester=attester,
+            key_algorithm=kbs.tee_key_algorithm,
+            cert_path=kbs.cert_path,
+            cert_pem=kbs.cert_pem,
+            timeout_s=kbs.timeout_s,
+            max_response_bytes=kbs.max_response_bytes,
+            refresh_margin_s=kbs.token_refresh_margin_s,
+            init_data_toml=self._initdata.text if self._initdata is not None else None,
+            **self._kbs_seams,
+        )
+
+    def _resource_backend(self) -> ResourceBackend | None:
+        hub = self.config.data_hub
+        if hub.backend == "kbs":
+            return self.kbs
+        if hub.backend == "offline":
+            from agent.kbs.offline import OfflineFsKbc
+
+            log.info("cdh.kbc", kbc="offline_fs_kbc", files=list(hub.offline_files))
+            return OfflineFsKbc(list(hub.offline_files))
+        # passport: the token and TEE key come from the attestation agent over ttRPC (the reference CDH's cc_kbc)
+        kbs = self.config.kbs
+        if kbs.url is None:
+            msg = "data_hub.backend = 'passport' needs a KBS URL"
+            raise ConfigError(msg, key="kbs.url")
+        from agent.api._gen import attestation_agent_pb2 as aa_pb2
+        from agent.api.ttrpc import TtrpcClient
+        from agent.kbs.client import KbsHttp
+        from agent.kbs.passport import PassportClient, TokenPair, parse_token_reply
+
+        client = TtrpcClient(hub.aa_socket)
+        self._aa_client = client
+
+        async def token_source() -> TokenPair:
+            request = aa_pb2.GetTokenRequest(TokenType="kbs").SerializeToString()
+            reply = await client.call(AA_SERVICE, "GetToken", request, timeout=AA_TOKEN_TIMEOUT_S)
+            return parse_token_reply(aa_pb2.GetTokenResponse.FromString(reply).Token)
+
+        if kbs.insecure_http:
+            log.warning("kbs.insecure_http", url=kbs.url, warning=INSECURE_HTTP_WARNING)
+        log.info("cdh.kbc", kbc="cc_kbc", url=kbs.url, aa_socket=hub.aa_socket)
+        return PassportClient(KbsHttp(kbs.url, cert_pem=kbs.cert_pem), token_source)
+
+    async def _listen(self) -> None:
+        from agent.api.methods import build_methods
+
+        config = self.config
+        from agent.api.sockets import check_listen
+
+        for address in [*([config.socket, *config.grpc_listen] if config.socket else [])]:
+            host_port = (address.host or "", address.port or 0)
+            check_listen(address.unix_path if address.unix_path is not None else host_port)
+        for path in (config.ttrpc_aa_socket, config.ttrpc_cdh_socket):
+            if path is not None:
+                check_listen(path)
+        try:
+            if config.socket is not None:
+                from agent.api.grpc_server import GrpcServer
+
+                self._grpc = GrpcServer(build_methods(self.aa, self.hub), [config.socket, *config.grpc_listen])
+                await self._grpc.start()
+            from agent.api.ttrpc_service import build_ttrpc_server
+
+            for path, aa, hub in ((config.ttrpc_aa_socket, self.aa, None), (config.ttrpc_cdh_socket, None, self.hub)):
+                if path is not None:
+                    server = build_ttrpc_server(build_methods(aa, hub))
+                    await server.start(path)
+                    self._ttrpc.append((path, server))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def complete_startup(self) -> None:
+        """Start-up checks, then open the gate for TEE and KBS calls.
+
+        Raises `InitdataMismatch` when the initdata binding does not match the platform (reported here, with the
+        reference's message on stderr), and `AgentError` when a credential cannot be fetched.
+        """
+        config = self.config
+        if self.aa is not None and self._attester is not None and self._initdata_digest is not None:
+            await _bind_initdata(self._attester, self._initdata_digest)
+        if self.hub is not None:
+            if config.data_hub.ocicrypt_config is not None:
+                await asyncio.to_thread(_ocicrypt_config, config.ttrpc_cdh_socket, config.data_hub.ocicrypt_config)
+            await self._download_credentials(config.data_hub.credentials)
+        self._ready.set()
+
+    async def _download_credentials(self, credentials: Sequence[CredentialFile]) -> None:
+        assert self.hub is not None
+        for credential in credentials:
+            data = await self.hub.get_resource(credential.resource_uri)
+            await asyncio.to_thread(_write_private_file, Path(credential.path), data)
+            log.info("cdh.credential", resource=credential.resource_uri, path=credential.path)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "version": __version__,
+            "tee": self.tee,
+            "grpc": [str(a) for a in ([self.config.socket, *self.config.grpc_listen] if self.config.socket else [])],
+            "ttrpc": [path for path, _ in self._ttrpc],
+            "kbs": self.config.kbs.url,
+            "data_hub_backend": self.config.data_hub.backend if self.hub is not None else None,
+        }
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight calls finish briefly, and release every client."""
+        if self._grpc is not None:
+            await self._grpc.stop()
+            self._grpc = None
+        for _, server in self._ttrpc:
+            await server.close(grace_s=2.0)
+        self._ttrpc = []
+        if self._aa_client is not None:
+            await self._aa_client.close()
+            self._aa_client = None
+        aclose: Callable[[], Awaitable[None]] | None = getattr(self._backend, "aclose", None)
+        if aclose is not None and self._backend is not self.kbs:
+            await aclose()
+        if self.kbs is not None:
+            await self.kbs.aclose()
+            self.kbs = None
+
+
+def _load_initdata(config: Config) -> InitData | None:
+    if config.initdata.toml is None:
+        return None
+    from agent.initdata import parse_initdata
+
+    path = config.initdata.toml
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        msg = f"initdata {path!r} cannot be read: {exc.strerror}"
+        raise ConfigError(msg, key="initdata.toml") from exc
+    return parse_initdata(raw, source=path)
+
+
+def _digest_argument(config: Config) -> bytes | None:
+    if config.initdata.digest is None:
+        return None
+    from agent.initdata import decode_digest_argument
+
+    return decode_digest_argument(config.initdata.digest)
+
+
+async def _bind_initdata(attester: Attester, digest: bytes) -> None:
+    from agent.initdata import MISMATCH_MESSAGE
+
+    try:
+        await attester.bind_init_data(digest)
+    except NotSupported:
+        log.warning("initdata.unbound", tee=attester.tee, reason="this TEE has no initdata binding; ignored")
+    except EvidenceMismatch as exc:
+        print(f"{MISMATCH_MESSAGE} {exc}", file=sys.stderr)
+        log.error("initdata.mismatch", detail=str(exc))  # noqa: TRY400 - an expected outcome, no traceback
+        raise InitdataMismatch(str(exc)) from None
+    else:
+        log.info("initdata.bound", tee=attester.tee)
+
+
+def _ocicrypt_config(cdh_socket: str | None, out_path: str) -> None:
+    """Honour OCICRYPT_KEYPROVIDER_CONFIG: check the configured file, or write the guest's default one."""
+    configured = os.environ.get("OCICRYPT_KEYPROVIDER_CONFIG")
+    if configured:
+        try:
+            providers = json.loads(Path(configured).read_text()).get("key-providers", {})
+        except (OSError, ValueError, AttributeError):
+            log.warning("ocicrypt.config_unreadable", path=configured)
+            return
+        if "attestation-agent" not in providers:
+            log.warning("ocicrypt.no_attestation_agent_provider", path=configured, providers=sorted(providers))
+        else:
+            log.info("ocicrypt.config", path=configured, provider=providers["attestation-agent"])
+        return
+    if cdh_socket is None:
+        return
+    document = {"key-providers": {"attestation-agent": {"ttrpc": f"unix://{cdh_socket}"}}}
+    try:
+        target = Path(out_path)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.write_text(json.dumps(document))
+    except OSError as exc:
+        log.warning("ocicrypt.config_not_written", path=out_path, error=exc.strerror)
+        return
+    os.environ["OCICRYPT_KEYPROVIDER_CONFIG"] = out_path
+    log.info("ocicrypt.config_written", path=out_path)
+
+
+def _write_private_file(path: Path, data: bytes) -> None:
+    """A secret file: a 0600 temporary file in the same directory, renamed over the target."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def notify_ready() -> None:
+    """systemd `Type=notify` readiness, when started by systemd."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"READY=1", address)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Event]:
+    """An event set on SIGTERM, SIGINT or SIGHUP (the reference exits on SIGINT and SIGHUP), with the handlers
+    installed for the whole block: a signal that arrives right after READY=1 is not lost."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield stop
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def run(config: Config, *, name: str = "cvm-agent") -> int:
+    """Serve `config` until a stop signal: 0 on a clean stop, 1 when the initdata binding does not match."""
+    app = App(config)
+    with stop_signals() as stop:
+        await app.start()
+        try:
+            log.info(f"{name}.listening", **app.describe())
+            try:
+                await app.complete_startup()
+            except InitdataMismatch:
+                return 1
+            notify_ready()
+            log.info(f"{name}.ready")
+            await stop.wait()
+            log.info(f"{name}.stopping")
+            return 0
+        finally:
+            await app.close()
+            log.info(f"{name}.stopped")

@@ -1,0 +1,1 @@
+"""cvm_tools.keyprovider: the image owner's wrap-only key provider (`wrap`) and its command (`owner`)."""
