@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent import __version__
-from agent.config import Config, CredentialFile
+from agent.config import Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 
 if TYPE_CHECKING:
@@ -45,11 +45,10 @@ if TYPE_CHECKING:
     from agent.service import AttestationAgent, DataHub, ResourceBackend
     from agent.tee.base import Attester
 
-__all__ = ["AA_SERVICE", "App", "InitdataMismatch", "notify_ready", "run", "stop_signals"]
+__all__ = ["App", "InitdataMismatch", "notify_ready", "run", "stop_signals"]
 
 log = structlog.get_logger("agent.app")
 
-AA_SERVICE = "attestation_agent.AttestationAgentService"
 AA_TOKEN_TIMEOUT_S = 50.0
 INSECURE_HTTP_WARNING = (
     "plain HTTP to the KBS: anyone on the path, the host included, can answer the handshake and substitute any "
@@ -173,6 +172,7 @@ class App:
             msg = "data_hub.backend = 'passport' needs a KBS URL"
             raise ConfigError(msg, key="kbs.url")
         from agent.api._gen import attestation_agent_pb2 as aa_pb2
+        from agent.api.names import AA_SERVICE
         from agent.api.ttrpc import TtrpcClient
         from agent.kbs.client import KbsHttp
         from agent.kbs.passport import PassportClient, TokenPair, parse_token_reply
@@ -273,15 +273,10 @@ class App:
 def _load_initdata(config: Config) -> InitData | None:
     if config.initdata.toml is None:
         return None
-    from agent.initdata import parse_initdata
+    from agent.initdata import MAX_INITDATA_BYTES, parse_initdata
 
     path = config.initdata.toml
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        msg = f"initdata {path!r} cannot be read: {exc.strerror}"
-        raise ConfigError(msg, key="initdata.toml") from exc
-    return parse_initdata(raw, source=path)
+    return parse_initdata(read_input(path, key="initdata", max_bytes=MAX_INITDATA_BYTES), source=path)
 
 
 def _digest_argument(config: Config) -> bytes | None:

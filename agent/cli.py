@@ -31,27 +31,28 @@ def _socket_default() -> str:
     return os.environ.get("CVM_AGENT_SOCKET", DEFAULT_SOCKET)
 
 
-_TEE_PATH_HELP = {
-    "tsm_report_dir": "configfs-tsm report directory (default /sys/kernel/config/tsm/report)",
-    "tdx_guest_device": "TDX guest device (default /dev/tdx_guest)",
-    "sev_guest_device": "SEV-SNP guest device (default /dev/sev-guest)",
-    "sev_guest_platform_dir": "SEV-SNP platform device directory (default /sys/devices/platform/sev-guest)",
-    "tdx_measurements_dir": "TDX measurement registers, Linux >= 6.16 "
-    "(default /sys/devices/virtual/misc/tdx_guest/measurements)",
-    "ccel_data": "CCEL event log data (default /sys/firmware/acpi/tables/data/CCEL)",
+_TEE_PATH_HELP = {  # what each path is; the defaults come from `agent.config.TeePaths`, their one home
+    "tsm_report_dir": "configfs-tsm report directory",
+    "tdx_guest_device": "TDX guest device",
+    "sev_guest_device": "SEV-SNP guest device",
+    "sev_guest_platform_dir": "SEV-SNP platform device directory",
+    "tdx_measurements_dir": "TDX measurement registers, Linux >= 6.16",
+    "ccel_data": "CCEL event log data",
 }
 
 
 def _add_tee_flags(p: argparse.ArgumentParser, *, config: bool = True) -> None:
     """--config, --tee, --snp-vmpl and one flag per `tee_paths` key."""
-    from agent.config import TEE_PATH_FLAGS
+    from agent.config import TEE_PATH_FLAGS, TeePaths
 
+    defaults = TeePaths()
     if config:
         p.add_argument("--config", metavar="FILE", help="TOML configuration file")
     p.add_argument("--tee", metavar="NAME", help="TEE to use: auto (default: probe tdx, then snp), tdx, snp or sample")
     p.add_argument("--snp-vmpl", metavar="N", type=int, help="VMPL of SNP reports, 0..3 (overrides snp.vmpl)")
     for key, flag in TEE_PATH_FLAGS.items():
-        p.add_argument(flag, metavar="PATH", dest=f"path_{key}", help=_TEE_PATH_HELP[key])
+        help_text = f"{_TEE_PATH_HELP[key]} (default {getattr(defaults, key)})"
+        p.add_argument(flag, metavar="PATH", dest=f"path_{key}", help=help_text)
 
 
 def _add_daemon_flags(p: argparse.ArgumentParser) -> None:

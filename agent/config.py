@@ -59,6 +59,7 @@ from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.kbs.jwe import KeyAlgorithm
+from agent.tee.kinds import TEE_CHOICES
 
 __all__ = [
     "DEFAULT_AA_TTRPC_SOCKET",
@@ -78,12 +79,13 @@ __all__ = [
     "from_mapping",
     "load",
     "parse_listen_address",
+    "read_input",
 ]
 
 DEFAULT_SOCKET = "/run/confidential-containers/cvm-agent/agent.sock"
 DEFAULT_AA_TTRPC_SOCKET = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
 DATA_HUB_BACKENDS = ("kbs", "passport", "offline")
-TEE_NAMES = ("auto", "tdx", "snp", "sample")
+TEE_NAMES = TEE_CHOICES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -531,18 +533,26 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     return replace(cfg, tee_paths=tp)
 
 
+def read_input(path: str | Path, *, key: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a file named by configuration or a flag (`key`); `ConfigError` naming both when it cannot
+    be read or is larger than `max_bytes`. The one way configuration inputs are read from disk."""
+    try:
+        with Path(path).open("rb") as file:
+            raw = file.read(max_bytes + 1)
+    except OSError as exc:
+        msg = f"{key} {str(path)!r} cannot be read: {exc.strerror}"
+        raise ConfigError(msg, key=key) from exc
+    if len(raw) > max_bytes:
+        msg = f"{key} {str(path)!r} is larger than {max_bytes} bytes"
+        raise ConfigError(msg, key=key)
+    return raw
+
+
 def load(path: str | Path | None) -> Config:
     """Read and validate a TOML config file; `None` gives the defaults."""
     if path is None:
         return Config()
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        msg = f"config file {str(path)!r} cannot be read: {exc.strerror}"
-        raise ConfigError(msg, key="--config") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        msg = f"config file {str(path)!r} is {len(raw)} bytes, expected at most {MAX_CONFIG_BYTES}"
-        raise ConfigError(msg, key="--config")
+    raw = read_input(path, key="--config")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

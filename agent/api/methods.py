@@ -17,13 +17,18 @@ from google.protobuf.message import DecodeError, Message
 
 from agent import errors
 from agent.api._gen import api_pb2, attestation_agent_pb2, keyprovider_pb2
+from agent.api.names import (
+    AA_SERVICE,
+    IMAGE_PULL_SERVICE,
+    KEYPROVIDER_SERVICE,
+    RESOURCE_SERVICE,
+    SEALED_SECRET_SERVICE,
+    SECURE_MOUNT_SERVICE,
+)
 from agent.api.status import RpcError, StatusCode
 from agent.service import AttestationAgent, DataHub
 
 __all__ = [
-    "AA_SERVICE",
-    "CDH_SERVICES",
-    "KEYPROVIDER_SERVICE",
     "Method",
     "build_methods",
     "keyprovider_methods",
@@ -32,14 +37,6 @@ __all__ = [
 
 log = structlog.get_logger("agent.rpc")
 
-AA_SERVICE = "attestation_agent.AttestationAgentService"
-KEYPROVIDER_SERVICE = "keyprovider.KeyProviderService"
-CDH_SERVICES = (
-    "api.SealedSecretService",
-    "api.GetResourceService",
-    "api.SecureMountService",
-    "api.ImagePullService",
-)
 
 
 def status_for(error: errors.AgentError) -> StatusCode:
@@ -146,10 +143,10 @@ def _cdh_methods(hub: DataHub) -> list[Method]:
         raise errors.NotSupported(msg)
 
     return [
-        Method("api.GetResourceService", "GetResource", api_pb2.GetResourceRequest, get_resource),
-        Method("api.SealedSecretService", "UnsealSecret", api_pb2.UnsealSecretInput, unseal_secret),
-        Method("api.SecureMountService", "SecureMount", api_pb2.SecureMountRequest, secure_mount),
-        Method("api.ImagePullService", "PullImage", api_pb2.ImagePullRequest, pull_image),
+        Method(RESOURCE_SERVICE, "GetResource", api_pb2.GetResourceRequest, get_resource),
+        Method(SEALED_SECRET_SERVICE, "UnsealSecret", api_pb2.UnsealSecretInput, unseal_secret),
+        Method(SECURE_MOUNT_SERVICE, "SecureMount", api_pb2.SecureMountRequest, secure_mount),
+        Method(IMAGE_PULL_SERVICE, "PullImage", api_pb2.ImagePullRequest, pull_image),
     ]
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import structlog
 
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, AaSettings, cmdline_value, parse_aa_config, unix_path
-from agent.config import TEE_PATH_FLAGS, Config, EventlogConfig, InitdataConfig, KbsConfig
-from agent.errors import ConfigError
+from agent.config import TEE_PATH_FLAGS, Config, EventlogConfig, InitdataConfig, KbsConfig, read_input
 
 __all__ = ["main"]
 
@@ -61,7 +59,7 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     the log level they ask for."""
     settings = AaSettings()
     if args.config_file:
-        settings = parse_aa_config(_read(args.config_file, "--config-file"), source=args.config_file)
+        settings = parse_aa_config(read_input(args.config_file, key="--config-file"), source=args.config_file)
     socket_path = unix_path(args.attestation_sock, key="--attestation_sock")
     cmdline = common.read_kernel_cmdline(args.kernel_cmdline)
     tee, tee_source = _choose_tee(args.tee, settings, cmdline)
@@ -78,14 +76,6 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
         eventlog=EventlogConfig(enabled=settings.enable_eventlog, init_pcr=settings.init_pcr),
     ).with_overrides(tee=tee, tee_paths={key: getattr(args, key) for key in TEE_PATH_FLAGS})
     return config, settings.log_level
-
-
-def _read(path: str, flag: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        msg = f"{flag} {path!r} cannot be read: {exc.strerror}"
-        raise ConfigError(msg, key=flag) from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

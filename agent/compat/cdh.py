@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import structlog
 
 from agent.compat import common
 from agent.compat.refconfig import CdhSettings, credentials_from_cmdline, parse_cdh_config, unix_path
-from agent.config import Config, CredentialFile, DataHubConfig, KbsConfig
-from agent.errors import ConfigError
+from agent.config import Config, CredentialFile, DataHubConfig, KbsConfig, read_input
 from agent.kbs.offline import DEFAULT_FILES
 
 __all__ = ["DEFAULT_OCICRYPT_CONFIG", "main", "to_config"]
@@ -50,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_settings(path: str | None) -> CdhSettings:
     if not path:
         return CdhSettings()
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        msg = f"-c {path!r} cannot be read: {exc.strerror}"
-        raise ConfigError(msg, key="-c") from exc
-    return parse_cdh_config(raw, source=path)
+    return parse_cdh_config(read_input(path, key="-c"), source=path)
 
 
 def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.kbs.jwe import KeyAlgorithm
+from agent.tee.kinds import TEE_CHOICES
 
 __all__ = [
     "DEFAULT_AA_SOCKET",
@@ -44,7 +45,7 @@ DEFAULT_AA_SOCKET = "unix:///run/confidential-containers/attestation-agent/attes
 DEFAULT_CDH_SOCKET = "unix:///run/confidential-containers/cdh.sock"
 CREDENTIALS_DIR = "/run/confidential-containers/cdh/kbs"
 MAX_CONFIG_BYTES = 1024 * 1024
-TEES = ("sample", "tdx", "snp", "auto")
+TEES = TEE_CHOICES
 
 
 def unix_path(address: str, *, key: str) -> str:

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import structlog
 
 from agent import __version__
+from agent.api.names import AA_SERVICE, RESOURCE_SERVICE
 from agent.api.status import RpcError
 from agent.api.ttrpc import TtrpcClient
 from agent.compat import common
@@ -31,8 +32,8 @@ __all__ = ["RestApi", "main"]
 
 log = structlog.get_logger("agent.rest")
 
-AA = "attestation_agent.AttestationAgentService"
-CDH_RESOURCE = "api.GetResourceService"
+AA = AA_SERVICE
+CDH_RESOURCE = RESOURCE_SERVICE
 TIMEOUT_S = 50.0
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024

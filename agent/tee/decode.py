@@ -156,37 +156,52 @@ def _event_log(raw: bytes, quote: tdx.TdxQuote) -> dict[str, Any]:
     }
 
 
+def decode_tdx_evidence(obj: Mapping[str, Any]) -> dict[str, Any]:
+    quote = tdx.parse_quote(_b64(obj["quote"], "quote"), trailing=tdx.Trailing.ANY)
+    out = {**_tdx_quote(quote), "kind": "tdx_evidence"}
+    eventlog = obj.get("cc_eventlog")
+    out["event_log"] = None if eventlog is None else _event_log(_b64(eventlog, "cc_eventlog"), quote)
+    return out
+
+
+def decode_snp_evidence(obj: Mapping[str, Any]) -> dict[str, Any]:
+    report = snp.report_from_sev_json(obj["attestation_report"])
+    out = {**_snp_report(report), "kind": "snp_evidence"}
+    chain = obj.get("cert_chain")
+    if chain is None:
+        out["cert_chain"] = None
+    else:
+        table = snp.cert_table_from_sev_json(chain)
+        out["cert_chain"] = [{"cert_type": e.cert_type.name, "length": len(e.data)} for e in table.entries]
+    return out
+
+
+def decode_sample_evidence(obj: Mapping[str, Any]) -> dict[str, Any]:
+    if set(obj) != {"svn", "report_data"}:
+        msg = f"sample evidence keys are {sorted(obj)}, expected ['report_data', 'svn']"
+        raise EvidenceParseError(msg)
+    return {
+        "kind": "sample_evidence",
+        "tee": "sample",
+        "svn": obj["svn"],
+        "report_data": _b64(obj["report_data"], "report_data").hex(),
+        "measurements": {},
+        "warning": "the sample TEE is a mock: nothing here is measured or signed",
+    }
+
+
 def decode_evidence(obj: object) -> dict[str, Any]:
-    """Decode a parsed evidence JSON object (`tdx`, `snp` or `sample`)."""
+    """Decode a parsed evidence JSON object of any TEE in the registry (its identifying keys decide)."""
+    from agent.tee.registry import TEES
+
     if not isinstance(obj, Mapping):
         msg = f"evidence is {type(obj).__name__}, expected a JSON object"
         raise EvidenceParseError(msg)
-    if "quote" in obj:
-        quote = tdx.parse_quote(_b64(obj["quote"], "quote"), trailing=tdx.Trailing.ANY)
-        out = {**_tdx_quote(quote), "kind": "tdx_evidence"}
-        eventlog = obj.get("cc_eventlog")
-        out["event_log"] = None if eventlog is None else _event_log(_b64(eventlog, "cc_eventlog"), quote)
-        return out
-    if "attestation_report" in obj:
-        report = snp.report_from_sev_json(obj["attestation_report"])
-        out = {**_snp_report(report), "kind": "snp_evidence"}
-        chain = obj.get("cert_chain")
-        if chain is None:
-            out["cert_chain"] = None
-        else:
-            table = snp.cert_table_from_sev_json(chain)
-            out["cert_chain"] = [{"cert_type": e.cert_type.name, "length": len(e.data)} for e in table.entries]
-        return out
-    if set(obj) == {"svn", "report_data"}:
-        return {
-            "kind": "sample_evidence",
-            "tee": "sample",
-            "svn": obj["svn"],
-            "report_data": _b64(obj["report_data"], "report_data").hex(),
-            "measurements": {},
-            "warning": "the sample TEE is a mock: nothing here is measured or signed",
-        }
-    msg = f"evidence keys are {sorted(obj)}, expected those of tdx, snp or sample evidence"
+    for entry in TEES:
+        if entry.evidence_keys <= obj.keys():
+            return entry.decode_evidence(obj)
+    names = [str(entry.kind) for entry in TEES]
+    msg = f"evidence keys are {sorted(obj)}, expected those of {', '.join(names[:-1])} or {names[-1]} evidence"
     raise EvidenceParseError(msg)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.config import TeePaths
 from agent.errors import TeeError
-from agent.tee import tsm
+from agent.tee import registry, tsm
 
 __all__ = ["Check", "Detection", "detect"]
 
@@ -67,42 +67,39 @@ def _path_check(tee: str, interface: str, path: str, what: str) -> Check:
     return Check(tee=tee, interface=interface, path=path, found=True, reason=f"exists ({kind})")
 
 
-def _tsm_checks(root: str, fsops: tsm.FsOps | None) -> tuple[Check, Check]:
-    """The configfs-tsm probe, reported once per TEE it could indicate."""
+def _tsm_check(kind: str, root: str, want: str, provider: str | None, error: str | None) -> Check:
     interface = "configfs-tsm"
-    try:
-        provider = tsm.probe(Path(root), fsops=fsops)
-    except TeeError as exc:
-        reason = f"unusable: {exc}"
-        return (
-            Check(tee="tdx", interface=interface, path=root, found=False, reason=reason),
-            Check(tee="snp", interface=interface, path=root, found=False, reason=reason),
-        )
+    if error is not None:
+        return Check(tee=kind, interface=interface, path=root, found=False, reason=f"unusable: {error}")
     if provider is None:
         reason = "no configfs-tsm reports here, or no provider registered (kernel < 6.7, no TEE guest driver?)"
-        return (
-            Check(tee="tdx", interface=interface, path=root, found=False, reason=reason),
-            Check(tee="snp", interface=interface, path=root, found=False, reason=reason),
+        return Check(tee=kind, interface=interface, path=root, found=False, reason=reason)
+    if provider != want:
+        return Check(
+            tee=kind, interface=interface, path=root, found=False, reason=f"provider is `{provider}`, not `{want}`"
         )
-    checks = []
-    for tee, want in (("tdx", tsm.PROVIDER_TDX), ("snp", tsm.PROVIDER_SNP)):
-        if provider == want:
-            checks.append(Check(tee=tee, interface=interface, path=root, found=True, reason=f"provider `{provider}`"))
-        else:
-            reason = f"provider is `{provider}`, not `{want}`"
-            checks.append(Check(tee=tee, interface=interface, path=root, found=False, reason=reason))
-    return checks[0], checks[1]
+    return Check(tee=kind, interface=interface, path=root, found=True, reason=f"provider `{provider}`")
 
 
 def detect(paths: TeePaths, *, fsops: tsm.FsOps | None = None) -> Detection:
-    """Probe every interface in `paths`; the result's `tee` is the first match in the reference order, or None."""
-    tsm_tdx, tsm_snp = _tsm_checks(paths.tsm_report_dir, fsops)
-    checks = (
-        tsm_tdx,
-        _path_check("tdx", "device", paths.tdx_guest_device, "tdx-guest driver not loaded, or not a TDX guest"),
-        _path_check("snp", "platform device", paths.sev_guest_platform_dir, "not an SEV-SNP guest"),
-        tsm_snp,
-        _path_check("snp", "device", paths.sev_guest_device, "sev-guest driver not loaded, or not an SNP guest"),
-    )
+    """Probe every interface of every hardware TEE in the registry; the result's `tee` is the first match in the
+    registry's (the reference's) order, or None. configfs-tsm is probed once, whichever TEEs ask for it."""
+    provider: str | None = None
+    error: str | None = None
+    tsm_probed = False
+    checks: list[Check] = []
+    for entry in registry.TEES:
+        for probe in entry.probes:
+            if isinstance(probe, registry.TsmProbe):
+                if not tsm_probed:
+                    tsm_probed = True
+                    try:
+                        provider = tsm.probe(Path(paths.tsm_report_dir), fsops=fsops)
+                    except TeeError as exc:
+                        error = str(exc)
+                checks.append(_tsm_check(entry.kind, paths.tsm_report_dir, probe.provider, provider, error))
+            else:
+                path = getattr(paths, probe.path_key)
+                checks.append(_path_check(entry.kind, probe.interface, path, probe.absent))
     tee = next((c.tee for c in checks if c.found), None)
-    return Detection(tee=tee, checks=checks)
+    return Detection(tee=tee, checks=tuple(checks))

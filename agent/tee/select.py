@@ -11,11 +11,10 @@ import structlog
 
 from agent.config import Config
 from agent.errors import TeeUnavailable
-from agent.tee import sample, tsm
+from agent.tee import registry, sample, tsm
 from agent.tee.base import Attester
 from agent.tee.detect import detect
-from agent.tee.snp_attester import SnpAttester
-from agent.tee.tdx_attester import TdxAttester
+from agent.tee.kinds import AUTO, TeeKind
 
 __all__ = ["make_attester"]
 
@@ -25,10 +24,9 @@ log = structlog.get_logger("agent.tee")
 def make_attester(config: Config, *, fsops: tsm.FsOps | None = None) -> Attester:
     """The attester for `config.tee`; `fsops` replaces the configfs calls (tests)."""
     name = config.tee
-    if name == "sample":
+    if name == TeeKind.SAMPLE:
         log.warning("tee.sample.insecure", warning=sample.WARNING)
-        return sample.SampleAttester()
-    if name == "auto":
+    elif name == AUTO:
         detection = detect(config.tee_paths, fsops=fsops)
         if detection.tee is None:
             msg = (
@@ -40,9 +38,4 @@ def make_attester(config: Config, *, fsops: tsm.FsOps | None = None) -> Attester
         log.info("tee.detected", tee=name, checks=[check.line() for check in detection.checks])
     else:
         log.info("tee.selected", tee=name, reason="asked for by name")
-    if name == "tdx":
-        return TdxAttester(config.tee_paths, fsops=fsops)
-    if name == "snp":
-        return SnpAttester(config.tee_paths, vmpl=config.snp.vmpl, fsops=fsops)
-    msg = f"unknown tee {name!r}"  # config validation makes this unreachable
-    raise ValueError(msg)
+    return registry.support(name).attester(config, fsops)

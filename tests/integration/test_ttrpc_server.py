@@ -579,8 +579,11 @@ class TestGracefulClose:
         await srv.wait_closed()
         srv = rec.server()
         await srv.start(sock_path)
+        assert Path(sock_path).exists()
         await asyncio.gather(srv.close(), srv.close())
         await srv.wait_closed()
+        assert not Path(sock_path).exists()  # closed once, socket file removed, no error from the second close
+        assert srv.connection_count == 0
 
 
 # --- Property tests against a live server ------------------------------------------------------------------

@@ -25,6 +25,7 @@ PURE = [
     "tee/_uapi.py",
     "tee/_layout.py",
     "tee/decode.py",
+    "tee/kinds.py",
     "initdata.py",
     "compat/refconfig.py",
     "api/ttrpc_frame.py",

@@ -16,7 +16,7 @@ import structlog
 
 from agent.api.grpc_server import GrpcServer
 from agent.api.methods import keyprovider_methods
-from agent.config import ListenAddress
+from agent.config import ListenAddress, read_input
 from agent.errors import ConfigError, InvalidResourceUri
 from agent.kbs.resource import parse_resource_uri
 from agent.keyprovider.annotation import WrapType
@@ -47,17 +47,9 @@ class OwnerOptions:
     register_prefix: str = DEFAULT_REGISTER_PREFIX
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        msg = f"{what} {path!r} cannot be read: {exc.strerror}"
-        raise ConfigError(msg, key=what) from exc
-
-
 def build_provider(options: OwnerOptions) -> WrapKeyProvider:
     """Validate the options and build the provider (KEK file, generated KEKs, KBS registration)."""
-    kek = _read(options.kek_file, "--kek-file") if options.kek_file else None
+    kek = read_input(options.kek_file, key="--kek-file") if options.kek_file else None
     if kek is not None and len(kek) != 32:
         msg = f"--kek-file holds {len(kek)} bytes, expected 32 (an AES-256 key)"
         raise ConfigError(msg, key="--kek-file")
@@ -91,9 +83,13 @@ def build_provider(options: OwnerOptions) -> WrapKeyProvider:
             else:
                 msg = "--admin-claims is not a JSON object"
                 raise ConfigError(msg, key="--admin-claims")
-        admin_key = load_admin_key(_read(options.admin_key_file, "--admin-key")) if options.admin_key_file else None
+        admin_key = (
+            load_admin_key(read_input(options.admin_key_file, key="--admin-key")) if options.admin_key_file else None
+        )
         admin_token = (
-            _read(options.admin_token_file, "--admin-token-file").decode().strip() if options.admin_token_file else None
+            read_input(options.admin_token_file, key="--admin-token-file").decode().strip()
+            if options.admin_token_file
+            else None
         )
         url, cert = options.kbs_url, options.kbs_cert
 
