@@ -38,7 +38,6 @@ __all__ = [
 log = structlog.get_logger("agent.rpc")
 
 
-
 def status_for(error: errors.AgentError) -> StatusCode:
     """The RPC status for a domain error: the one its class declares (never UNKNOWN for an AgentError)."""
     return type(error).rpc_status
