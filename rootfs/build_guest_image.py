@@ -102,8 +102,6 @@ DYNLOAD_DROP = (
 # Files a wheel installs that the guest never reads.
 SITE_DROP_NAMES = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")
 SITE_DROP_SUFFIXES = (".pyi", ".pxd", ".pyx", ".c", ".h.in")
-# Development-only parts of the repository's `agent` package (moving to the separate `tools/` distribution).
-AGENT_EXCLUDE = ("agent/devkbs/", "agent/keyprovider/owner.py")
 
 
 class BuildError(Exception):
@@ -284,7 +282,7 @@ def agent_files() -> list[str]:
         names = sorted(str(p.relative_to(REPO)) for p in (REPO / "agent").rglob("*") if p.is_file())
     keep = []
     for name in names:
-        if "__pycache__" in name or name.endswith((".pyc", ".pyi")) or name.startswith(AGENT_EXCLUDE):
+        if "__pycache__" in name or name.endswith((".pyc", ".pyi")):
             continue
         keep.append(name)
     return keep

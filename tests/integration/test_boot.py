@@ -25,10 +25,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent.api._gen import attestation_agent_pb2 as aa
 from agent.api.ttrpc import TtrpcClient
-from agent.devkbs.server import DevKbsServer
 from tests.integration.conftest import SECRET
 from tests.integration.test_guest_image import port_free
 from tests.integration.test_kata_dropin import cdh_get_resource, free_port

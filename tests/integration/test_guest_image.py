@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent.api._gen import keyprovider_pb2 as kp
 from agent.api.ttrpc import TtrpcClient
-from agent.devkbs.server import DevKbsServer
 from tests.integration.conftest import SECRET
 from tests.integration.kata_extension import (
     LEVELS,
@@ -142,7 +142,9 @@ def test_kata_layout(image: Image) -> None:
     tampered[len(erofs) // 2] ^= 1
     bad = image.out.parent / "tampered.erofs"
     bad.write_bytes(bytes(tampered))
-    result = subprocess.run([*verify[:-2], str(bad), str(image.path(".verity")), params["root_hash"]], check=False)
+    result = subprocess.run(
+        [*verify[:-2], str(bad), str(image.path(".verity")), params["root_hash"]], capture_output=True, check=False
+    )
     assert result.returncode != 0
     bad.unlink()
     assert img.stat().st_size <= 40 * MIB, f"image is {img.stat().st_size / MIB:.1f} MiB"
