@@ -42,7 +42,7 @@ in_guest() { chroot "$root" "$@"; }
 [ -x "$root$guest_python" ] || [ -L "$root$guest_python" ] || fail "$guest_python does not exist in $root"
 
 # 1. What the guest interpreter is: its real path, version, glibc, architecture and where it imports packages from.
-facts=$(in_guest "$guest_python" -I -c '
+probe='
 import os, platform, sys, sysconfig
 purelib = sysconfig.get_path("purelib")
 libc, libc_version = platform.libc_ver()
@@ -52,8 +52,18 @@ print(libc or "-", libc_version or "-")
 print(platform.machine())
 print(purelib)
 print("yes" if purelib in sys.path else "no")
-') || fail "$guest_python does not run inside $root"
-{ read -r py_real; read -r py_version; read -r libc libc_version; read -r machine; read -r purelib; read -r on_path; } <<<"$facts"
+'
+ask() {
+  facts=$(in_guest "$guest_python" -I -c "$probe") || fail "$guest_python does not run inside $root"
+  { read -r py_real; read -r py_version; read -r libc libc_version; read -r machine; read -r purelib; read -r on_path; } <<<"$facts"
+}
+ask
+if [ "$on_path" = no ] && [ -n "$purelib" ] && [ ! -e "$root$purelib" ]; then
+  # site.py only lists package directories that exist (Debian's /usr/local/lib/python3.X/dist-packages, a bundled
+  # interpreter's site-packages): create it and ask again.
+  install -d -m 0755 "$root$purelib"
+  ask
+fi
 case "$py_version" in 3.1[1-9]|3.[2-9][0-9]) ;; *) fail "the guest's Python is $py_version, expected >= 3.11" ;; esac
 [ "$libc" = glibc ] || fail "the guest's C library is $libc, expected glibc (musl guests are not supported)"
 [ "$on_path" = yes ] || fail "$purelib (sysconfig purelib of $py_real) is not on that interpreter's sys.path"
@@ -65,8 +75,9 @@ trap 'rm -rf "$scratch"' EXIT
 "$host_python" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$scratch/wheel" "$repo" \
   || fail "building the cvm-agent wheel failed"
 tag=${py_version/./}
-platforms=(--platform "manylinux2014_$machine")
-for minor in $(seq 17 "${libc_version#2.}"); do platforms+=(--platform "manylinux_2_${minor}_$machine"); done
+platforms=()  # newest first: pip prefers the platform tags in the order given
+for minor in $(seq "${libc_version#2.}" -1 17); do platforms+=(--platform "manylinux_2_${minor}_$machine"); done
+platforms+=(--platform "manylinux2014_$machine")
 "$host_python" -m pip install --quiet --disable-pip-version-check --no-compile --target "$scratch/site" \
   --only-binary=:all: --python-version "$py_version" --implementation cp --abi "cp$tag" --abi abi3 --abi none \
   "${platforms[@]}" "$scratch"/wheel/*.whl || fail "pip could not install cvm-agent's dependencies for Python $py_version"

@@ -406,3 +406,33 @@ async def test_kata_launches_the_extension_in_a_busybox_root(
         for name, seconds in startup.items():
             shown = f"{seconds:.2f} s" if seconds is not None else "n/a"
             print(f"[guest-image] {name}: exec -> socket {shown} (from the mounted image, busybox-only root)")
+
+
+def test_install_sh_with_the_images_self_contained_interpreter(image: Image, tmp_path: Path) -> None:
+    """install.sh into a root whose only Python is the extension image's (its own libc and loader), not Debian's."""
+    if os.geteuid() != 0:
+        pytest.skip("install.sh needs root (chroot)")
+    busybox = shutil.which("busybox")
+    if busybox is None or "statically linked" not in run("file", "-L", busybox):
+        pytest.skip("busybox-static is missing: run rootfs/setup-build-host.sh")
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox, root / "bin/busybox")
+    (root / "bin/sh").symlink_to("busybox")
+    bundle = root / "run/kata-extensions/coco"
+    bundle.parent.mkdir(parents=True)
+    run("fsck.erofs", f"--extract={bundle}", str(image.path(".erofs")))
+    python = "/run/kata-extensions/coco/usr/bin/python3.11"
+    result = subprocess.run(
+        ["bash", str(REPO / "rootfs/install.sh"), "--python", python, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    site = bundle / "usr/local/lib/python3.11/dist-packages"
+    assert (site / "agent/__init__.py").exists()
+    for name in ("attestation-agent", "confidential-data-hub", "api-server-rest", "cvm-agent"):
+        assert (root / "usr/local/bin" / name).read_text().splitlines()[0] == f"#!{python} -I"
+    assert "usage: attestation-agent" in run("chroot", str(root), "/usr/local/bin/attestation-agent", "--help")
