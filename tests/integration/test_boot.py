@@ -41,6 +41,7 @@ TREE = GUEST_CACHE / "bookworm-minbase"
 MIRROR = os.environ.get("CVM_AGENT_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 UNITS = ("attestation-agent", "confidential-data-hub", "api-server-rest", "cvm-agent")
 ACTIVE_WITHIN_S = 60
+SHORT_WATCHDOG_S = 2
 
 
 def bookworm_tree() -> Path:
@@ -108,6 +109,11 @@ def write_config(root: Path, kbs_url: str, rest_port: int) -> None:
     )
     (root / "etc/default/confidential-data-hub").write_text("CDH_ARGS=-c /etc/cvm-agent/cdh.toml\n")
     (root / "etc/default/api-server-rest").write_text(f"REST_ARGS=--features all -b 127.0.0.1:{rest_port}\n")
+    # a short watchdog on one unit, so the test sees a stuck process killed and restarted within seconds
+    (root / "etc/systemd/system/api-server-rest.service.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/systemd/system/api-server-rest.service.d/watchdog.conf").write_text(
+        f"[Service]\nWatchdogSec={SHORT_WATCHDOG_S}\n"
+    )
     (root / "etc/cvm-agent/agent.toml").write_text(
         f'tee = "sample"\nsocket = "/run/confidential-containers/cvm-agent/agent.sock"\n\n[kbs]\nurl = "{kbs_url}"\n'
     )
@@ -255,13 +261,25 @@ def test_units_boot_serve_and_stop(booted: Booted, capsys: pytest.CaptureFixture
         log = journal(booted, "-u", f"{unit}.service")
         assert after is not None, f"{unit} not active:\n{log}\n{booted.console.read_text(errors='replace')[-3000:]}"
         assert booted.show(unit, "Type") == "notify"
-        assert booted.show(unit, "WatchdogUSec") == "30s"
+        assert booted.show(unit, "WatchdogUSec") == ("2s" if unit == "api-server-rest" else "30s")
     active_s = time.monotonic() - boot_started
     # the drop-ins became active in kata's order: AA, then CDH, then REST
     entered = [int(booted.show(u, "ActiveEnterTimestampMonotonic")) for u in UNITS[:3]]
     assert entered == sorted(entered)
     assert all(booted.show(u, "NRestarts") == "0" for u in UNITS)
     asyncio.run(serve_checks(booted))
+    with urllib.request.urlopen(f"http://127.0.0.1:{booted.rest_port}/info", timeout=30) as response:
+        assert json.loads(response.read())["tee"] == "sample"
+    # a stuck process stops pinging the watchdog: systemd kills it and starts it again, and it serves again
+    pid = booted.show("api-server-rest", "MainPID")
+    stopped = booted.systemctl("kill", "--kill-who=main", "--signal=SIGSTOP", "api-server-rest.service")
+    assert stopped.returncode == 0, stopped.stderr
+    deadline = time.monotonic() + 10 * SHORT_WATCHDOG_S
+    while time.monotonic() < deadline and booted.show("api-server-rest", "NRestarts") == "0":
+        time.sleep(0.2)
+    assert booted.show("api-server-rest", "NRestarts") == "1"
+    assert wait_active(booted, "api-server-rest", 30) is not None
+    assert booted.show("api-server-rest", "MainPID") != pid
     with urllib.request.urlopen(f"http://127.0.0.1:{booted.rest_port}/info", timeout=30) as response:
         assert json.loads(response.read())["tee"] == "sample"
     # journald got the priorities: the sample TEE's warning is PRIORITY=4, without the <4> prefix in the text
@@ -279,7 +297,11 @@ def test_units_boot_serve_and_stop(booted: Booted, capsys: pytest.CaptureFixture
     for unit in UNITS:  # the persistent journal, read from the host once the container is gone
         log = journal(booted, "-o", "cat", "-u", f"{unit}.service", directory=booted.root / "var/log/journal")
         assert "Deactivated successfully" in log, log[-2000:]
-        assert "Failed with result" not in log, log[-2000:]
+        if unit == "api-server-rest":  # the one watchdog kill above, and nothing else
+            assert log.count("Failed with result") == 1, log[-2000:]
+            assert "Failed with result 'watchdog'" in log, log[-2000:]
+        else:
+            assert "Failed with result" not in log, log[-2000:]
     assert '"event": "agent.stopped"' in journal(
         booted, "-o", "cat", "-u", "cvm-agent.service", directory=booted.root / "var/log/journal"
     )
