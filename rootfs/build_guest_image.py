@@ -358,11 +358,10 @@ def assemble(stage: Path, debs: list[tuple[Path, Component]], wheels: list[tuple
     for site_dir in (stage / STDLIB).glob("*-packages"):
         shutil.rmtree(site_dir)
     # licences of what is redistributed
-    for deb, component in debs:
+    for _, component in debs:
         copyright_file = debroot / "usr/share/doc" / component.name / "copyright"
         if copyright_file.exists():
             copy_resolved(copyright_file, stage / "usr/share/doc" / component.name / "copyright")
-        del deb
     # the wheels, installed for the image's interpreter
     site = stage / SITE
     site.mkdir(parents=True)
@@ -542,7 +541,7 @@ def tree_size(stage: Path) -> int:
     return sum(p.lstat().st_size for p in stage.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def agent_component(stage: Path) -> Component:
+def agent_component() -> Component:
     digest = hashlib.sha256()
     for name in agent_files():
         digest.update(f"{name} {sha256_file(REPO / name)}\n".encode())
@@ -553,7 +552,6 @@ def agent_component(stage: Path) -> Component:
         source = f"git {commit}{' (modified)' if dirty else ''}"
     except (BuildError, OSError):
         source = "source tree"
-    del stage
     return Component("python", "cvm-agent", version, digest.hexdigest(), source)
 
 
@@ -639,6 +637,9 @@ def make_disk(image: Path, data: Path, hashes: Path, label_id: str) -> None:
 
 
 def build(out: Path, cache: Path, stage_arg: Path | None) -> dict[str, object]:
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, check=False).returncode != 0:
+        msg = f"{sys.executable} has no pip (needed to fetch the wheels); install python3-pip or use another python3"
+        raise BuildError(msg)
     need_tools(["apt-get", "dpkg-deb", "readelf", "patchelf", "gcc", "mkfs.erofs", "fsck.erofs", "veritysetup"])
     need_tools(["sfdisk", "strip", "file"])
     started = time.monotonic()
@@ -667,7 +668,7 @@ def build(out: Path, cache: Path, stage_arg: Path | None) -> dict[str, object]:
         compile_bytecode(stage)
         check_imports(stage, entry_modules)
         components = sorted(
-            [*(c for _, c in debs), *(c for _, c in wheels), agent_component(stage), pause],
+            [*(c for _, c in debs), *(c for _, c in wheels), agent_component(), pause],
             key=lambda c: (c.kind, c.name),
         )
         inner = {

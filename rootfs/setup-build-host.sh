@@ -16,6 +16,7 @@ have patchelf || need+=(patchelf)
 have readelf || need+=(binutils)
 have file || need+=(file)
 have dpkg-deb || need+=(dpkg)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)  # pip download fetches the pinned wheels
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ! ldd /bin/busybox >/dev/null 2>&1 || need+=(busybox-static)
 if [ "${1:-}" = "--boot" ]; then
   have debootstrap || need+=(debootstrap)
