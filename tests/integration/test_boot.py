@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -179,12 +180,22 @@ def booted(installed: Installed, dev_kbs: DevKbsServer) -> Iterator[Booted]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
+    init_pid: int | None = None
     try:
-        yield Booted(root, run_dir, nspawn, container_init(nspawn.pid, 30), rest_port, console)
+        init_pid = container_init(nspawn.pid, 30)
+        yield Booted(root, run_dir, nspawn, init_pid, rest_port, console)
     finally:
         if nspawn.poll() is None:
-            nspawn.kill()
-            nspawn.wait()
+            nspawn.terminate()  # a clean halt of the container
+            try:
+                nspawn.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                # killing nspawn alone would orphan the container: its init is in its own PID namespace
+                if init_pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(init_pid, signal.SIGKILL)
+                nspawn.kill()
+                nspawn.wait()
 
 
 def test_install_sh_tree(installed: Installed) -> None:
