@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit gen check-gen bench clean
+.PHONY: demo test lint typecheck unit gen check-gen bench clean guest-image guest-test
 
 $(STAMP): pyproject.toml tools/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ gen: $(STAMP)
 
 check-gen: $(STAMP)
 	$(PY) scripts/gen_protos.py --check
+
+# The Kata extension image (rootfs/build_guest_image.py): make guest-image OUT=DIR [CACHE=DIR]
+guest-image:
+	@test -n "$(OUT)" || { echo "usage: make guest-image OUT=DIR" >&2; exit 2; }
+	bash rootfs/setup-build-host.sh
+	$(PYTHON) rootfs/build_guest_image.py --out "$(OUT)" $(if $(CACHE),--cache "$(CACHE)")
+
+# The slow guest tests (image build + kata launch, nspawn boot), filling their download cache on the way; after this
+# `make test` runs them too. Needs root, loop devices and network for the first run.
+guest-test: $(STAMP)
+	bash rootfs/setup-build-host.sh --boot
+	CI=true $(PY) -m pytest -m "guestimage or boot" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

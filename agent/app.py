@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent import __version__
+from agent import __version__, sdnotify
 from agent.config import Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 
@@ -45,7 +44,7 @@ if TYPE_CHECKING:
     from agent.service import AttestationAgent, DataHub, ResourceBackend
     from agent.tee.base import Attester
 
-__all__ = ["App", "InitdataMismatch", "notify_ready", "run", "stop_signals"]
+__all__ = ["App", "InitdataMismatch", "run", "stop_signals"]
 
 log = structlog.get_logger("agent.app")
 
@@ -345,16 +344,6 @@ def _write_private_file(path: Path, data: bytes) -> None:
         raise
 
 
-def notify_ready() -> None:
-    """systemd `Type=notify` readiness, when started by systemd."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    address = "\0" + target[1:] if target.startswith("@") else target
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(b"READY=1", address)
-
-
 @contextlib.contextmanager
 def stop_signals() -> Iterator[asyncio.Event]:
     """An event set on SIGTERM, SIGINT or SIGHUP (the reference exits on SIGINT and SIGHUP), with the handlers
@@ -382,9 +371,10 @@ async def run(config: Config, *, name: str = "cvm-agent") -> int:
                 await app.complete_startup()
             except InitdataMismatch:
                 return 1
-            notify_ready()
+            sdnotify.ready(status=f"{name} serving")
             log.info(f"{name}.ready")
             await stop.wait()
+            sdnotify.stopping()
             log.info(f"{name}.stopping")
             return 0
         finally:

@@ -15,3 +15,9 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# The guest-image and boot tests (gated in tests/conftest.py) need the image tools, debootstrap and systemd-nspawn;
+# install them only where those tests will run: in CI, or where their cache exists.
+cache=${CVM_AGENT_TEST_CACHE:-/var/cache/cvm-agent-tests}
+if [ "${CI:-}" = true ] || [ -d "$cache/guest-image" ] || [ -d "$cache/bookworm-minbase" ]; then
+  bash "$(dirname "$0")/../rootfs/setup-build-host.sh" --boot
+fi

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from agent import log as agent_log
+from agent import sdnotify
 from agent.compat.refconfig import KbcParams, cmdline_value, parse_kbc_params
 from agent.errors import AgentError, ConfigError
 
@@ -92,4 +93,8 @@ async def wait_for_stop() -> None:
     from agent.app import stop_signals
 
     with stop_signals() as stop:
-        await stop.wait()
+        sdnotify.ready()  # callers await this once their socket serves
+        try:
+            await stop.wait()
+        finally:
+            sdnotify.stopping()

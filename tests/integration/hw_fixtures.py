@@ -76,12 +76,14 @@ class HwDaemon:
 
     def wait_ready(self) -> None:
         try:
-            message = self.notify.recv(64)
+            message = self.notify.recv(4096)
         except TimeoutError:
             self.stop()
             msg = f"daemon did not become ready:\n{self.log}"
             raise AssertionError(msg) from None
-        assert message == b"READY=1", self.log
+        fields = message.split(b"\n")
+        assert fields[0] == b"READY=1", self.log
+        assert f"MAINPID={self.process.pid}".encode() in fields, self.log
 
     def stop(self) -> int:
         if self.process.poll() is None:

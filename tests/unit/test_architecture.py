@@ -79,3 +79,13 @@ def test_only_device_module_calls_ioctl() -> None:
         if "ioctl(" in p.read_text() and p.name not in {"_device.py"} and "_gen" not in p.parts
     ]
     assert offenders == []
+
+
+def test_only_sdnotify_talks_to_systemd() -> None:
+    """READY/WATCHDOG/STOPPING go through agent.sdnotify, so no second copy of the protocol drifts."""
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if "NOTIFY_SOCKET" in p.read_text() and p.name != "sdnotify.py" and "_gen" not in p.parts
+    ]
+    assert offenders == []
