@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 from collections.abc import Sequence
@@ -26,7 +24,8 @@ from agent.api.status import RpcError
 from agent.api.ttrpc import TtrpcClient
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
-from agent.errors import ConfigError
+from agent.errors import ConfigError, InvalidRequest
+from agent.strictjson import b64url_decode
 
 __all__ = ["RestApi", "main"]
 
@@ -177,12 +176,9 @@ def _runtime_data(query: dict[str, list[str]]) -> bytes | None:
         return values[0].encode()
     if encoding != "base64":
         return None
-    text = values[0]
-    if "=" in text or "+" in text or "/" in text:
-        return None  # URL-safe base64 without padding only
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
+        return b64url_decode(values[0], "runtime_data")  # URL-safe base64 without padding only
+    except InvalidRequest:
         return None
 
 

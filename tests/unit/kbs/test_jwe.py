@@ -19,7 +19,14 @@ from jwcrypto import jwe as jw_jwe
 from jwcrypto import jwk as jw_jwk
 
 from agent.errors import DecryptionError
-from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, b64url_decode, b64url_encode, decrypt, encrypt
+from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt, encrypt
+from agent.strictjson import b64url_decode as _strict_b64url_decode
+from agent.strictjson import b64url_encode
+
+
+def b64url_decode(text: str) -> bytes:
+    return _strict_b64url_decode(text, "test value")
+
 
 ALGORITHMS = list(KeyAlgorithm)
 PLAINTEXT = b"\x00the resource bytes\xff" * 3
