@@ -51,7 +51,7 @@ log = structlog.get_logger("agent.app")
 AA_TOKEN_TIMEOUT_S = 50.0
 INSECURE_HTTP_WARNING = (
     "plain HTTP to the KBS: anyone on the path, the host included, can answer the handshake and substitute any "
-    "resource; use https:// outside development"
+    "secret; JWE protects only against passive readers of the response. Use https:// outside development."
 )
 
 
@@ -144,16 +144,7 @@ class App:
         from agent.kbs.client import KbsClient
 
         return KbsClient(
-            url=kbs.url,
-            attester=attester,
-            key_algorithm=kbs.tee_key_algorithm,
-            cert_path=kbs.cert_path,
-            cert_pem=kbs.cert_pem,
-            timeout_s=kbs.timeout_s,
-            max_response_bytes=kbs.max_response_bytes,
-            refresh_margin_s=kbs.token_refresh_margin_s,
-            init_data_toml=self._initdata.text if self._initdata is not None else None,
-            **self._kbs_seams,
+            kbs, attester, init_data_toml=self._initdata.text if self._initdata is not None else None, **self._kbs_seams
         )
 
     def _resource_backend(self) -> ResourceBackend | None:
@@ -173,7 +164,6 @@ class App:
         from agent.api._gen import attestation_agent_pb2 as aa_pb2
         from agent.api.names import AA_SERVICE
         from agent.api.ttrpc import TtrpcClient
-        from agent.kbs.client import KbsHttp
         from agent.kbs.passport import PassportClient, TokenPair, parse_token_reply
 
         client = TtrpcClient(hub.aa_socket)
@@ -187,7 +177,7 @@ class App:
         if kbs.insecure_http:
             log.warning("kbs.insecure_http", url=kbs.url, warning=INSECURE_HTTP_WARNING)
         log.info("cdh.kbc", kbc="cc_kbc", url=kbs.url, aa_socket=hub.aa_socket)
-        return PassportClient(KbsHttp(kbs.url, cert_pem=kbs.cert_pem), token_source)
+        return PassportClient(kbs, token_source, transport=self._kbs_seams.get("transport"))
 
     async def _listen(self) -> None:
         from agent.api.methods import build_methods

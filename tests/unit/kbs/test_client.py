@@ -8,6 +8,7 @@ import json
 import httpx
 import pytest
 
+from agent.config import KbsConfig
 from agent.errors import AttestationRejected, KbsProtocolError
 from agent.kbs.client import KbsClient
 from agent.tee.sample import SampleAttester
@@ -33,7 +34,7 @@ class GatedKbs:
 
 
 def client_for(handler: GatedKbs) -> KbsClient:
-    return KbsClient(url="http://kbs.test", attester=SampleAttester(), transport=httpx.MockTransport(handler))
+    return KbsClient(KbsConfig(url="http://kbs.test"), SampleAttester(), transport=httpx.MockTransport(handler))
 
 
 async def test_waiters_share_one_failed_handshake() -> None:
@@ -91,7 +92,7 @@ async def test_request_shapes() -> None:
             )
         return httpx.Response(200, json={"token": "e30.eyJleHAiOjQxMDI0NDQ4MDB9.c2ln"})
 
-    client = KbsClient(url="http://kbs.test/", attester=SampleAttester(), transport=httpx.MockTransport(handler))
+    client = KbsClient(KbsConfig(url="http://kbs.test/"), SampleAttester(), transport=httpx.MockTransport(handler))
     session = await client.session()
     await client.aclose()
     auth, attest = seen

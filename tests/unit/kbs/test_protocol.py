@@ -156,6 +156,7 @@ class TestErrors:
     def test_detail_bounded_and_printable(self) -> None:
         body = json.dumps({"type": "x/Y", "detail": "a\nb" + "z" * 5000}).encode()
         error = protocol.error_from_response(401, body, step="auth")
+        assert isinstance(error, AttestationRejected)
         assert "\n" not in str(error)
         assert len(error.detail) == protocol.MAX_ERROR_DETAIL
 
