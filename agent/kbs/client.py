@@ -148,7 +148,7 @@ class KbsHttp:
                 )
                 if not protocol.retryable_status(status) or attempt == self._attempts:
                     return status, body, headers
-            await self._sleep(min(0.25 * 2**attempt, 2.0))
+            await self._sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
         msg = "unreachable"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
 
