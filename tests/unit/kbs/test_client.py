@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cvm_tools import sign as jws_sign
 
-from agent import jws
 from agent.config import KbsConfig
 from agent.errors import AttestationRejected, KbsProtocolError, KbsTransportError
 from agent.kbs.client import KbsClient
@@ -149,7 +149,7 @@ class FakeKbs:
             claimed = dict(self.pubkey, x=TeeKeyPair.generate().public_jwk()["x"]) if self.foreign_key else self.pubkey
             iat = int(self.now[0])
             claims = {"iat": iat, "exp": iat + self.lifetime, "tee-pubkey": claimed}
-            return httpx.Response(200, json={"token": jws.encode_compact(self.signer, {"typ": "JWT"}, claims)})
+            return httpx.Response(200, json={"token": jws_sign.encode_compact(self.signer, {"typ": "JWT"}, claims)})
         return httpx.Response(200, content=encrypt(self.pubkey, SECRET_VALUE))
 
 
