@@ -39,6 +39,11 @@ class SharedValue(Generic[T]):
     def clear(self) -> None:
         self._value = None
 
+    def cancel(self) -> None:
+        """Stop a running refresh (at shutdown); its waiters get CancelledError."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+
     async def get(self, *, stale: T | None = None) -> T:
         """The current value, refreshed when missing, unusable, or identical to `stale` (a rejected value)."""
         current = self._value

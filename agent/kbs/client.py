@@ -305,6 +305,10 @@ class CredentialCache:
             return current
         return await self._shared.get(stale=stale)
 
+    def close(self) -> None:
+        """Stop a renewal that is still running (the client is shutting down)."""
+        self._shared.cancel()
+
     async def fresh(self) -> AttestedSession:
         """A session from a fetch that starts now (or is already running): never the cached one."""
         return await self._shared.get(stale=self._shared.value)
@@ -365,6 +369,7 @@ class KbsClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._credentials.close()
         await self.http.aclose()
 
     async def _handshake(self) -> tuple[protocol.RcarSession, TeeKeyPair]:

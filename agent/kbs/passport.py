@@ -75,6 +75,7 @@ class PassportClient:
         )
 
     async def aclose(self) -> None:
+        self._credentials.close()
         await self.http.aclose()
 
     async def _attest(self) -> tuple[protocol.RcarSession, TeeKeyPair]:

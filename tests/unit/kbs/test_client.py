@@ -129,6 +129,7 @@ class FakeKbs:
         self.faults: dict[str, list[httpx.Response | Exception]] = {}
         self.seen: list[httpx.Request] = []
         self.pubkey: dict[str, str] = {}
+        self.gate: asyncio.Event | None = None  # when set, /auth waits for it
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.seen.append(request)
@@ -141,6 +142,8 @@ class FakeKbs:
                 raise fault
             return fault
         self.calls[step] += 1
+        if step == "auth" and self.gate is not None:
+            await self.gate.wait()
         if step == "auth":
             cookie = "kbs-session-id=" + "ab" * 16
             return httpx.Response(200, json={"nonce": "bm9uY2U=", "extra-params": ""}, headers={"Set-Cookie": cookie})
@@ -318,3 +321,17 @@ class TestTokenRefresh:
             await asyncio.sleep(0.05)
             assert await client.session() is not first
         assert kbs.calls["auth"] == 2
+
+    async def test_close_stops_a_running_renewal(self) -> None:
+        kbs = FakeKbs(lifetime=20)
+        client = fake_client(kbs)
+        first = await client.session()
+        kbs.gate = asyncio.Event()
+        kbs.now[0] += 16.5
+        assert await client.session() is first
+        await asyncio.sleep(0.05)
+        assert client._credentials._shared.busy
+        await client.aclose()
+        await asyncio.sleep(0.05)
+        assert not client._credentials._shared.busy
+        assert client._credentials.current is first
