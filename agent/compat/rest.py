@@ -14,6 +14,7 @@ import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
@@ -25,7 +26,7 @@ from agent.api.ttrpc import TtrpcClient
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
 from agent.errors import ConfigError, InvalidRequest
-from agent.strictjson import b64url_decode
+from agent.strictjson import b64url_decode, load_json_object
 
 __all__ = ["RestApi", "main"]
 
@@ -117,7 +118,7 @@ class RestApi:
             if method != "POST":
                 return _text(405, "Method Not Allowed")
             try:
-                event = json.loads(body)
+                event: dict[str, Any] = load_json_object(body, "AAEL event", error=ValueError)
                 request = aa.ExtendRuntimeMeasurementRequest(
                     Domain=event["domain"], Operation=event["operation"], Content=event["content"]
                 )

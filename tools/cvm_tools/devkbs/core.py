@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from agent import jws
 from agent.kbs import jwe
 from agent.kbs.jcs import canonicalize
-from agent.strictjson import b64url_encode
+from agent.strictjson import b64url_encode, load_json_object
 from cvm_tools import sign as jws_sign
 from cvm_tools.devkbs.faults import CORE_KINDS, FaultPlan
 from cvm_tools.devkbs.verifiers import HARDWARE_VERIFIERS, init_data_digest
@@ -222,7 +222,7 @@ class DevKbsCore:
 
     def _auth(self, body: bytes) -> Response:
         try:
-            request = json.loads(body)
+            request = load_json_object(body, "Request", error=ValueError)
             version, tee = request["version"], request["tee"]
             if not isinstance(version, str) or not isinstance(tee, str) or tee not in KNOWN_TEES:
                 raise TypeError
@@ -276,7 +276,7 @@ class DevKbsCore:
         if session.token is not None:  # Trustee returns the old token without re-verifying
             return self._token_response(session_id, session)
         try:
-            attestation = json.loads(body)
+            attestation: dict[str, Any] = load_json_object(body, "Attestation", error=ValueError)
             runtime = attestation["runtime-data"]
             evidence = attestation["tee-evidence"]
             nonce, pubkey = runtime["nonce"], _typed_pubkey(runtime["tee-pubkey"])

@@ -26,10 +26,11 @@ Kinds (what the KBS does to the matched request):
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 from dataclasses import dataclass
+
+from agent.strictjson import b64url_decode, b64url_encode
 
 __all__ = ["KINDS", "Fault", "FaultPlan", "mutate_jwe"]
 
@@ -84,12 +85,11 @@ class FaultPlan:
             return fault
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+_b64 = b64url_encode
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    return b64url_decode(text, "JWE member", error=ValueError)
 
 
 def mutate_jwe(body: bytes, kind: str) -> bytes:
