@@ -124,6 +124,7 @@ def _spaces_gzip(mebibytes: int) -> bytes:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # socketserver.py default 5: a fleet connecting at once would wait for SYN retries
 
     def __init__(self, address: tuple[str, int], core: DevKbsCore) -> None:
         self.core = core
