@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from cvm_tools import sign as jws_sign
+from cvm_tools.sign import encode_compact
 
 from agent.config import KbsConfig
 from agent.errors import AttestationRejected, KbsProtocolError, KbsTransportError
@@ -152,7 +152,7 @@ class FakeKbs:
             claimed = dict(self.pubkey, x=TeeKeyPair.generate().public_jwk()["x"]) if self.foreign_key else self.pubkey
             iat = int(self.now[0])
             claims = {"iat": iat, "exp": iat + self.lifetime, "tee-pubkey": claimed}
-            return httpx.Response(200, json={"token": jws_sign.encode_compact(self.signer, {"typ": "JWT"}, claims)})
+            return httpx.Response(200, json={"token": encode_compact(self.signer, {"typ": "JWT"}, claims)})
         return httpx.Response(200, content=encrypt(self.pubkey, SECRET_VALUE))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from cvm_tools import sign as jws_sign
+from cvm_tools.sign import encode_compact
 
 from agent.config import KbsConfig
 from agent.errors import KbsProtocolError
@@ -33,7 +33,7 @@ class TokenSource:
         bound = TeeKeyPair.generate().public_jwk() if self.foreign else self.kbs.pubkey
         iat = int(self.kbs.now[0])
         claims = {"iat": iat, "nbf": iat + self.nbf_offset, "exp": iat + 300, "tee-pubkey": bound}
-        return TokenPair(protocol.parse_token(jws_sign.encode_compact(SIGNER, {"typ": "JWT"}, claims)), keypair)
+        return TokenPair(protocol.parse_token(encode_compact(SIGNER, {"typ": "JWT"}, claims)), keypair)
 
 
 def passport(kbs: FakeKbs, source: TokenSource) -> PassportClient:
