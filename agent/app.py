@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent import __version__, sdnotify
-from agent.config import Config, CredentialFile, read_input
+from agent.config import PLAIN_HTTP_RISK, Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 
 if TYPE_CHECKING:
@@ -49,10 +49,7 @@ __all__ = ["App", "InitdataMismatch", "run", "stop_signals"]
 log = structlog.get_logger("agent.app")
 
 AA_TOKEN_TIMEOUT_S = 50.0
-INSECURE_HTTP_WARNING = (
-    "plain HTTP to the KBS: anyone on the path, the host included, can answer the handshake and substitute any "
-    "secret; JWE protects only against passive readers of the response. Use https:// outside development."
-)
+INSECURE_HTTP_WARNING = PLAIN_HTTP_RISK
 
 
 class InitdataMismatch(Exception):
