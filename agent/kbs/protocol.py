@@ -51,6 +51,9 @@ PROTOCOL_VERSION = "0.4.0"
 SUPPORTED_HASH_ALGORITHMS = ("sha256", "sha384", "sha512")
 DEFAULT_HASH_ALGORITHM = "sha384"
 MAX_ERROR_DETAIL = 512
+# The KBS reads a token back in the `Authorization` header and actix caps request heads at 128 KiB (trustee#1563):
+# a longer token can never be used, and it would be handed to GetToken callers and sent on every request.
+MAX_TOKEN_BYTES = 128 * 1024
 
 
 def request_body(tee: str) -> bytes:
@@ -226,6 +229,9 @@ def parse_attest_response(body: bytes) -> Token:
     raw = value.get("token")
     if not isinstance(raw, str) or not raw:
         msg = "KBS attest response has no `token`"
+        raise KbsProtocolError(msg)
+    if len(raw) > MAX_TOKEN_BYTES:
+        msg = f"KBS token is {len(raw)} bytes, expected at most {MAX_TOKEN_BYTES} (the KBS's own request-head limit)"
         raise KbsProtocolError(msg)
     return parse_token(raw)
 
