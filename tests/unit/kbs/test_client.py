@@ -339,3 +339,23 @@ class TestTokenRefresh:
 
 def renewing(client: KbsClient) -> bool:
     return client._credentials._shared.busy
+
+
+class HangingAttester(SampleAttester):
+    async def get_evidence(self, runtime_data: bytes) -> bytes:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+
+async def test_a_shared_handshake_ends_at_its_own_deadline() -> None:
+    kbs = FakeKbs()
+    client = KbsClient(
+        KbsConfig(url="https://kbs.test", timeout_s=0.2), HangingAttester(), transport=httpx.MockTransport(kbs)
+    )
+    results = await asyncio.gather(*(client.get_resource(URI) for _ in range(3)), return_exceptions=True)
+    await client.aclose()
+    assert [str(r) for r in results] == [
+        "KBS at https://kbs.test: attestation did not finish within 0.4 s (2 x kbs.timeout_s)"
+    ] * 3
+    assert all(isinstance(r, KbsTransportError) for r in results)
+    assert client.handshakes == 1
