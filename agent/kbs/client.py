@@ -259,9 +259,10 @@ class CredentialCache:
             self._failed()
             msg = f"KBS at {self._kbs}: attestation did not finish within {self._deadline:g} s (2 x kbs.timeout_s)"
             raise KbsTransportError(msg) from None
-        except AgentError as exc:
+        except Exception as exc:  # e.g. the AA's ttRPC error in passport mode: every failure backs off
             self._failed()
-            log.warning("kbs.attestation.failed", kbs=self._kbs, error=str(exc), failures=self._failures)
+            error = str(exc) if isinstance(exc, AgentError) else type(exc).__name__
+            log.warning("kbs.attestation.failed", kbs=self._kbs, error=error, failures=self._failures)
             raise
         self._failures = 0
         return result
