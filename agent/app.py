@@ -167,8 +167,18 @@ class App:
         self._aa_client = client
 
         async def token_source() -> TokenPair:
+            from agent.api.status import RpcError, StatusCode
+            from agent.errors import AttestationRejected, KbsTransportError
+
             request = aa_pb2.GetTokenRequest(TokenType="kbs").SerializeToString()
-            reply = await client.call(AA_SERVICE, "GetToken", request, timeout=AA_TOKEN_TIMEOUT_S)
+            try:
+                reply = await client.call(AA_SERVICE, "GetToken", request, timeout=AA_TOKEN_TIMEOUT_S)
+            except RpcError as exc:  # the AA is down, or its KBS failed or refused: upstream, never INTERNAL here
+                why = f"{exc.code.name}: {exc.message[:300]}"
+                msg = f"the attestation agent at {hub.aa_socket} gave no KBS token: {why}"
+                if exc.code is StatusCode.PERMISSION_DENIED:
+                    raise AttestationRejected(msg, status=401) from None
+                raise KbsTransportError(msg) from None
             return parse_token_reply(aa_pb2.GetTokenResponse.FromString(reply).Token)
 
         if kbs.insecure_http:

@@ -297,3 +297,20 @@ async def test_tls_failures(  # noqa: PLR0917 - pytest fixtures and parameters
         finally:
             await stop_agent(agent)
     assert_clean(logs)
+
+
+async def test_passport_mode_with_the_attestation_agent_down(
+    tmp_path: Path, dev_kbs: DevKbsServer, logs: io.StringIO
+) -> None:
+    missing = tmp_path / "no-aa.sock"
+    hub = {"backend": "passport", "aa_socket": str(missing)}
+    agent = await start_agent(str(tmp_path / "a.sock"), dev_kbs.url, timeout_s=2.0, hub_options=hub)
+    try:
+        code, details = await outcome(agent, "kbs:///default/key/1")
+    finally:
+        await stop_agent(agent)
+    assert code is UNAVAILABLE
+    assert details == (
+        f"the attestation agent at {missing} gave no KBS token: UNAVAILABLE: cannot connect to ttRPC socket {missing}"
+    )
+    assert_clean(logs)
