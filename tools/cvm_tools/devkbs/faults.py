@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from agent.strictjson import b64url_decode, b64url_encode
 
-__all__ = ["KINDS", "Fault", "FaultPlan", "mutate_jwe"]
+__all__ = ["KINDS", "Fault", "FaultPlan", "mutate_jwe", "parse_fault_spec"]
 
 TRANSPORT_KINDS = frozenset({"status", "reset", "slow", "drip", "garbage", "truncated", "nested", "gzip", "oversized"})
 JWE_KINDS = frozenset({"tamper-tag", "tamper-ciphertext", "tamper-header", "epk-curve"})
@@ -88,6 +88,40 @@ class FaultPlan:
 _b64 = b64url_encode
 
 
+def parse_fault_spec(text: str) -> tuple[str, str, float | str | None, int]:
+    """`STEP:KIND[:ARG[:TIMES]]` (`cvm-tools dev-kbs --fault`): e.g. `auth:status:503:2`, `resource:tamper-tag`.
+
+    ARG is a number when it reads as one; TIMES defaults to every request for the whole run.
+    """
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 4:
+        msg = f"--fault is {text!r}, expected STEP:KIND[:ARG[:TIMES]]"
+        raise ValueError(msg)
+    step, kind = parts[0], parts[1]
+    if step not in STEPS:
+        msg = f"--fault step is {step!r}, expected one of {', '.join(STEPS)}"
+        raise ValueError(msg)
+    if kind not in KINDS:
+        msg = f"--fault kind is {kind!r}, expected one of {', '.join(sorted(KINDS))}"
+        raise ValueError(msg)
+    arg: float | str | None = None
+    if len(parts) > 2 and parts[2]:
+        try:
+            arg = float(parts[2])
+        except ValueError:
+            arg = parts[2]
+    times = -1
+    if len(parts) > 3:
+        try:
+            times = int(parts[3])
+        except ValueError:
+            times = 0
+        if times < 1:
+            msg = f"--fault times is {parts[3]!r}, expected a positive integer"
+            raise ValueError(msg)
+    return step, kind, arg, times
+
+
 def _unb64(text: str) -> bytes:
     return b64url_decode(text, "JWE member", error=ValueError)
 
@@ -106,7 +140,9 @@ def mutate_jwe(body: bytes, kind: str) -> bytes:
         jwe["protected"] = _b64(json.dumps(header, separators=(",", ":")).encode())
     elif kind == "epk-curve":
         header = json.loads(_unb64(jwe["protected"]))
-        if "epk" in header:
-            header["epk"]["crv"] = "P-384"
+        if "epk" not in header:
+            msg = "the JWE has no epk (an RSA key): epk-curve does not apply"
+            raise ValueError(msg)
+        header["epk"]["crv"] = "P-384"
         jwe["protected"] = _b64(json.dumps(header, separators=(",", ":")).encode())
     return json.dumps(jwe, separators=(",", ":")).encode()
