@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent import __version__, sdnotify
-from agent.config import Config, CredentialFile, read_input
+from agent.config import PLAIN_HTTP_RISK, Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 
 if TYPE_CHECKING:
@@ -49,10 +49,7 @@ __all__ = ["App", "InitdataMismatch", "run", "stop_signals"]
 log = structlog.get_logger("agent.app")
 
 AA_TOKEN_TIMEOUT_S = 50.0
-INSECURE_HTTP_WARNING = (
-    "plain HTTP to the KBS: anyone on the path, the host included, can answer the handshake and substitute any "
-    "resource; use https:// outside development"
-)
+INSECURE_HTTP_WARNING = PLAIN_HTTP_RISK
 
 
 class InitdataMismatch(Exception):
@@ -144,16 +141,7 @@ class App:
         from agent.kbs.client import KbsClient
 
         return KbsClient(
-            url=kbs.url,
-            attester=attester,
-            key_algorithm=kbs.tee_key_algorithm,
-            cert_path=kbs.cert_path,
-            cert_pem=kbs.cert_pem,
-            timeout_s=kbs.timeout_s,
-            max_response_bytes=kbs.max_response_bytes,
-            refresh_margin_s=kbs.token_refresh_margin_s,
-            init_data_toml=self._initdata.text if self._initdata is not None else None,
-            **self._kbs_seams,
+            kbs, attester, init_data_toml=self._initdata.text if self._initdata is not None else None, **self._kbs_seams
         )
 
     def _resource_backend(self) -> ResourceBackend | None:
@@ -173,21 +161,30 @@ class App:
         from agent.api._gen import attestation_agent_pb2 as aa_pb2
         from agent.api.names import AA_SERVICE
         from agent.api.ttrpc import TtrpcClient
-        from agent.kbs.client import KbsHttp
         from agent.kbs.passport import PassportClient, TokenPair, parse_token_reply
 
         client = TtrpcClient(hub.aa_socket)
         self._aa_client = client
 
         async def token_source() -> TokenPair:
+            from agent.api.status import RpcError, StatusCode
+            from agent.errors import AttestationRejected, KbsTransportError
+
             request = aa_pb2.GetTokenRequest(TokenType="kbs").SerializeToString()
-            reply = await client.call(AA_SERVICE, "GetToken", request, timeout=AA_TOKEN_TIMEOUT_S)
+            try:
+                reply = await client.call(AA_SERVICE, "GetToken", request, timeout=AA_TOKEN_TIMEOUT_S)
+            except RpcError as exc:  # the AA is down, or its KBS failed or refused: upstream, never INTERNAL here
+                why = f"{exc.code.name}: {exc.message[:300]}"
+                msg = f"the attestation agent at {hub.aa_socket} gave no KBS token: {why}"
+                if exc.code is StatusCode.PERMISSION_DENIED:
+                    raise AttestationRejected(msg, status=401) from None
+                raise KbsTransportError(msg) from None
             return parse_token_reply(aa_pb2.GetTokenResponse.FromString(reply).Token)
 
         if kbs.insecure_http:
             log.warning("kbs.insecure_http", url=kbs.url, warning=INSECURE_HTTP_WARNING)
         log.info("cdh.kbc", kbc="cc_kbc", url=kbs.url, aa_socket=hub.aa_socket)
-        return PassportClient(KbsHttp(kbs.url, cert_pem=kbs.cert_pem), token_source)
+        return PassportClient(kbs, token_source, transport=self._kbs_seams.get("transport"))
 
     async def _listen(self) -> None:
         from agent.api.methods import build_methods

@@ -189,6 +189,10 @@ def _probe(args: argparse.Namespace) -> int:
     print(f"tee: {detection.tee or 'none'}")
     for check in detection.checks:
         print(f"  {check.line()}")
+    if cfg.kbs.insecure_http:
+        from agent.config import PLAIN_HTTP_RISK
+
+        print(f"kbs: {cfg.kbs.url}\n  warning: {PLAIN_HTTP_RISK}")
     if detection.tee is None:
         print("  (no hardware TEE found; the mock TEE is used only when asked for by name: --tee sample)")
         return EXIT_FAILURE

@@ -63,6 +63,7 @@ from agent.tee.kinds import TEE_CHOICES
 
 __all__ = [
     "DEFAULT_AA_TTRPC_SOCKET",
+    "PLAIN_HTTP_RISK",
     "DEFAULT_SOCKET",
     "CredentialFile",
     "EventlogConfig",
@@ -142,6 +143,12 @@ def parse_listen_address(text: object, *, key: str = "socket") -> ListenAddress:
         msg = f"`{key}` path is {len(path.encode())} bytes, expected at most 107 (the unix socket limit)"
         raise ConfigError(msg, key=key)
     return ListenAddress(unix_path=path)
+
+
+PLAIN_HTTP_RISK = (
+    "plain HTTP to the KBS: anyone on the path, the host included, can answer the handshake and substitute any "
+    "secret; JWE protects only against passive readers of the response. Use https:// outside development."
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

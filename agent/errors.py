@@ -12,7 +12,7 @@ Domain errors mean the world is wrong (bad data, hardware, peers); misuse by a c
     │   ├── EvidenceParseError      bytes do not form a valid quote / report / table / log
     │   └── EvidenceMismatch        produced evidence does not carry what was asked for
     ├── KbsError
-    │   ├── KbsTransportError       connection, TLS, timeout, oversized body
+    │   ├── KbsTransportError       connection, TLS, timeout, 5xx, oversized body
     │   ├── KbsProtocolError        the KBS answered something that does not follow the protocol
     │   ├── AttestationRejected     the KBS answered with an error status (carries `status`, `kbs_type`, `detail`)
     │   └── ResourceNotFound        a 404 from the KBS (unknown plugin or path)
@@ -145,7 +145,7 @@ class KbsError(AgentError):
 
 
 class KbsTransportError(KbsError):
-    """The KBS could not be reached, timed out, or sent an oversized body."""
+    """The KBS could not be reached, timed out, failed to serve (5xx) or sent an oversized body."""
 
     rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE
 

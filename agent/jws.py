@@ -6,9 +6,6 @@ The guest only verifies (sealed secrets) and decodes (KBS tokens). Signing lives
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -16,7 +13,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-__all__ = ["PrivateKey", "PublicKey", "algorithm", "decode_compact", "verify"]
+from agent.errors import InvalidRequest
+from agent.strictjson import b64url_decode, load_json_object
+
+__all__ = ["PrivateKey", "PublicKey", "algorithm", "decode_compact", "split_compact", "verify"]
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -55,22 +55,28 @@ def verify(key: PublicKey, alg: object, signing_input: bytes, signature: bytes) 
     return True
 
 
-def decode_compact(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes] | None:
-    """`(header, claims, signing_input, signature)` of a compact JWS with JSON-object parts; None if malformed.
+def split_compact(
+    token: str, what: str, *, error: type[Exception] = InvalidRequest
+) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """`(header, claims, signing_input, signature)` of a compact JWS with JSON-object parts; `error` if malformed.
 
-    Nothing is verified here: pass the parts to `verify`.
+    Parts are canonical unpadded base64url and strict, depth-limited JSON (`agent.strictjson`). Nothing is
+    verified here: pass the parts to `verify`.
     """
-    try:
-        head, body, sig = token.split(".")
-        header = json.loads(_b64url_decode_lenient(head))
-        claims = json.loads(_b64url_decode_lenient(body))
-        signature = _b64url_decode_lenient(sig)
-    except (ValueError, UnicodeError, binascii.Error):
-        return None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        return None
+    parts = token.split(".")
+    if len(parts) != 3:
+        msg = f"{what} has {len(parts)} dot-separated parts, expected 3."
+        raise error(msg)
+    head, body, sig = parts
+    header = load_json_object(b64url_decode(head, f"{what} header", error=error), f"{what} header", error=error)
+    claims = load_json_object(b64url_decode(body, f"{what} claims", error=error), f"{what} claims", error=error)
+    signature = b64url_decode(sig, f"{what} signature", error=error)
     return header, claims, f"{head}.{body}".encode("ascii"), signature
 
 
-def _b64url_decode_lenient(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def decode_compact(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes] | None:
+    """`split_compact`, or None if the token is malformed."""
+    try:
+        return split_compact(token, "token")
+    except InvalidRequest:
+        return None

@@ -1,8 +1,12 @@
-"""Strict JSON and base64 for caller-supplied documents (packets, key-provider requests, sealed secrets). Pure.
+"""Strict JSON and base64 for every external document. Pure.
 
-One place for the rules both Go ocicrypt and the Rust reference enforce: UTF-8, no duplicate keys, no
-NaN/Infinity, no lone surrogates; canonical padded standard base64 and canonical unpadded base64url. Errors are
-`InvalidRequest` with a message naming the document, never echoing more than a short prefix of its content.
+Callers: annotation packets, key-provider requests, sealed secrets, and everything a KBS sends (challenge, token
+claims, JWE and its protected header, error bodies). One place for the rules both Go ocicrypt and the Rust
+reference enforce: UTF-8, no duplicate keys, no NaN/Infinity (spelled out or overflowing), no lone surrogates,
+at most `MAX_DEPTH` levels of nesting; canonical padded standard base64 and canonical base64url.
+
+Errors are `InvalidRequest` by default (a local caller's document); a KBS parser passes `error=KbsProtocolError`.
+Messages name the document and never echo more than a short prefix of its content.
 """
 
 from __future__ import annotations
@@ -10,45 +14,106 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 
 from agent.errors import InvalidRequest
 
 __all__ = [
+    "MAX_DEPTH",
     "b64decode_std",
     "b64encode_std",
     "b64url_decode",
     "b64url_encode",
     "dump_json",
     "json_type",
+    "load_json",
     "load_json_object",
     "shown",
 ]
+
+MAX_DEPTH = 64  # serde_json's default recursion limit is 128; no legitimate document here nests past a handful
+ErrorType = type[Exception]  # an AgentError, or ValueError for callers that hide the reason
 
 _B64_STD = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-def load_json_object(data: bytes, what: str) -> dict[str, object]:
-    """Strict JSON: UTF-8, one object at the top, no duplicate keys, no NaN/Infinity, no lone surrogates."""
+def load_json(data: bytes | str, what: str, *, error: ErrorType = InvalidRequest, max_depth: int = MAX_DEPTH) -> object:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, no lone surrogates, at most `max_depth` levels."""
+    if isinstance(data, bytes | bytearray):
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            msg = f"{what} is not UTF-8."
+            raise error(msg) from None
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        msg = f"{what} is not UTF-8."
-        raise InvalidRequest(msg) from None
-    try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-        # serde_json and Go reject or replace lone surrogates; refuse them here rather than fail later.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        value = json.loads(
+            data, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite_float
+        )
     except _DuplicateKeyError as exc:
         msg = f"{what} has the key {shown(exc.key)} more than once."
-        raise InvalidRequest(msg) from None
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeEncodeError, int-size limit: ValueErrors
+        raise error(msg) from None
+    except RecursionError:
+        raise error(_too_deep(what, max_depth)) from None
+    except ValueError:  # syntax, NaN/Infinity, out-of-range float, integer over the digit limit
         msg = f"{what} is not valid JSON."
-        raise InvalidRequest(msg) from None
+        raise error(msg) from None
+    _check_tree(value, what, error, max_depth)
+    return value
+
+
+def load_json_object(
+    data: bytes | str, what: str, *, error: ErrorType = InvalidRequest, max_depth: int = MAX_DEPTH
+) -> dict[str, object]:
+    """`load_json` that also requires an object at the top."""
+    value = load_json(data, what, error=error, max_depth=max_depth)
     if not isinstance(value, dict):
         msg = f"{what} is {json_type(value)}, expected a JSON object."
-        raise InvalidRequest(msg)
+        raise error(msg)
+    return value
+
+
+def _too_deep(what: str, max_depth: int) -> str:
+    return f"{what} is nested more than {max_depth} levels deep, expected at most {max_depth}."
+
+
+def _check_tree(value: object, what: str, error: ErrorType, max_depth: int) -> None:
+    """Depth and string checks, iteratively (no recursion for an attacker to exhaust)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, what, error)
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > max_depth:
+            raise error(_too_deep(what, max_depth))
+        if isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key, what, error)
+                stack.append((child, depth + 1))
+        else:
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str, what: str, error: ErrorType) -> None:
+    # serde_json and Go reject or replace lone surrogates (`"\ud800"`); refuse them rather than fail later.
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        msg = f"{what} has a lone surrogate \\u{ord(text[exc.start]):04x}, expected valid Unicode."
+        raise error(msg) from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        msg = f"number {text[:40]} is out of range"
+        raise ValueError(msg)
     return value
 
 
@@ -119,15 +184,28 @@ def shown(value: str, limit: int = 40) -> str:
     return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
 
 
-def b64url_decode(text: str, what: str) -> bytes:
-    """base64url without padding, canonical (Rust `URL_SAFE_NO_PAD` rejects padding and stray trailing bits)."""
-    if len(text) % 4 == 1 or not _B64URL.fullmatch(text):
+def b64url_decode(text: object, what: str, *, error: ErrorType = InvalidRequest, padded: bool = False) -> bytes:
+    """Canonical base64url (the one decoder): unpadded as Rust `URL_SAFE_NO_PAD` and JOSE write it.
+
+    `padded=True` also accepts correct `=` padding (kbs-protocol.md §6.2: a client may take both). Stray
+    trailing bits, whitespace, the standard alphabet and wrong padding are refused.
+    """
+    if not isinstance(text, str):
+        msg = f"{what} is {json_type(text)}, expected a base64url string."
+        raise error(msg)
+    body = text
+    if padded and text.endswith("="):
+        body = text.rstrip("=")
+        if len(text) % 4 or len(text) - len(body) > 2:
+            msg = f"{what} is not base64url (wrong padding)."
+            raise error(msg)
+    if len(body) % 4 == 1 or not _B64URL.fullmatch(body):
         msg = f"{what} is not unpadded base64url."
-        raise InvalidRequest(msg)
-    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if b64url_encode(raw) != text:
+        raise error(msg)
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    if b64url_encode(raw) != body:
         msg = f"{what} is not canonical base64url (nonzero trailing bits)."
-        raise InvalidRequest(msg)
+        raise error(msg)
     return raw
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import structlog
@@ -26,7 +25,8 @@ from agent.api.status import RpcError
 from agent.api.ttrpc import TtrpcClient
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
-from agent.errors import ConfigError
+from agent.errors import ConfigError, InvalidRequest
+from agent.strictjson import b64url_decode, load_json_object
 
 __all__ = ["RestApi", "main"]
 
@@ -118,7 +118,7 @@ class RestApi:
             if method != "POST":
                 return _text(405, "Method Not Allowed")
             try:
-                event = json.loads(body)
+                event: dict[str, Any] = load_json_object(body, "AAEL event", error=ValueError)
                 request = aa.ExtendRuntimeMeasurementRequest(
                     Domain=event["domain"], Operation=event["operation"], Content=event["content"]
                 )
@@ -177,12 +177,9 @@ def _runtime_data(query: dict[str, list[str]]) -> bytes | None:
         return values[0].encode()
     if encoding != "base64":
         return None
-    text = values[0]
-    if "=" in text or "+" in text or "/" in text:
-        return None  # URL-safe base64 without padding only
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
+        return b64url_decode(values[0], "runtime_data")  # URL-safe base64 without padding only
+    except InvalidRequest:
         return None
 
 

@@ -1,59 +1,58 @@
-"""The KBS client: RCAR handshake, token reuse and resource fetches over HTTP(S). Edge (network).
+"""The KBS client: HTTP to the KBS, the attested-credential cache, and the resource fetch. Edge (network).
 
-One `KbsClient` per agent. It keeps one attested session (token + the TEE key pair bound into it), reuses it
-until shortly before the token's `exp`, and runs a fresh handshake when it is about to expire or when the KBS
-answers 401. Concurrent callers share one handshake (single flight).
+One `KbsClient` per agent (background-check mode) drives `protocol.RcarSession` over `KbsHttp`; the passport
+client (`agent.kbs.passport`) shares `KbsHttp`, `CredentialCache` and `fetch_resource` with it.
 
-What it verifies: response sizes, JSON shapes, JWE integrity (via `agent.kbs.jwe`). What it does not: the
-token's signature (the KBS verifies it on every request; the agent only reads `exp`).
+- Every exchange (connect, send, every read, and the retries of a refused connection or a 502/503/504) has one
+  deadline, `kbs.timeout_s`; a handshake (auth + evidence + attest) has `2 x kbs.timeout_s`. Callers share one
+  handshake (single flight); the handshake ends at its own deadline, so no caller waits past it.
+- Bodies are read raw (`Accept-Encoding: identity`; a `Content-Encoding` is refused) up to
+  `kbs.max_response_bytes`; JSON is strict and depth-limited (`agent.strictjson`).
+- A token is kept until shortly before it expires and renewed in the background at 75-80 % of its lifetime,
+  so in steady state no call waits on a handshake; a failed renewal is retried with backoff while the old token
+  is still valid. Lifetimes are measured from arrival on the local clock (`exp - iat`), not against the KBS clock.
+- A token whose `tee-pubkey` is not the agent's key fails the handshake (`protocol.check_binding`).
+
+What it does not verify: the token's signature (the KBS verifies it on every request).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
+import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 import structlog
 
 from agent import __version__
-from agent.errors import (
-    AgentError,
-    KbsError,
-    KbsProtocolError,
-    KbsTransportError,
-    ResourceNotFound,
-)
+from agent.config import KbsConfig
+from agent.errors import AgentError, ConfigError, DecryptionError, KbsError, KbsProtocolError, KbsTransportError
 from agent.kbs import protocol
-from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt
+from agent.kbs.jwe import TeeKeyPair, decrypt
 from agent.kbs.resource import ResourceUri
 from agent.shared import SharedValue
 from agent.tee.base import Attester
 
-__all__ = ["AttestedSession", "KbsClient", "KbsHttp", "build_ssl_context"]
+__all__ = [
+    "AttestedSession",
+    "CredentialCache",
+    "KbsClient",
+    "KbsHttp",
+    "build_ssl_context",
+    "fetch_resource",
+]
 
 log = structlog.get_logger("agent.kbs")
 
-_COOKIE = re.compile(r"(?:^|[;,]\s*)kbs-session-id=([A-Za-z0-9_-]{1,128})")
 _RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _USER_AGENT = f"cvm-agent/{__version__}"
-
-
-@dataclass(frozen=True, slots=True)
-class AttestedSession:
-    """A token with the TEE key pair it was issued for, and the KBS session cookie."""
-
-    token: protocol.Token
-    keypair: TeeKeyPair
-    cookie: str | None
-
-    def __repr__(self) -> str:
-        return f"AttestedSession(exp={self.token.exp})"
+_REFRESH_FRACTION = (0.75, 0.80)  # of the token lifetime, with jitter
+_EXPIRY_GUARD = 0.1  # of the lifetime, at most `token_refresh_margin_s`: stop serving a token this close to exp
+_MAX_BACKOFF_S = 60.0
 
 
 def build_ssl_context(cert_path: str | None, cert_pem: str | None = None) -> ssl.SSLContext:
@@ -71,36 +70,36 @@ def build_ssl_context(cert_path: str | None, cert_pem: str | None = None) -> ssl
 
 
 class KbsHttp:
-    """HTTP to one KBS: bounded bodies, explicit timeouts, bounded retries of connection failures only.
+    """HTTP to one KBS: one deadline per exchange, raw bounded bodies, bounded retries of transient failures.
 
     Shared by the background-check client (`KbsClient`) and the passport-mode client.
     """
 
     def __init__(
         self,
-        url: str,
+        config: KbsConfig,
         *,
-        cert_path: str | None = None,
-        cert_pem: str | None = None,
-        timeout_s: float = 60.0,
-        max_response_bytes: int = 16 * 1024 * 1024,
-        attempts: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
+        attempts: int = 3,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.url = url.rstrip("/")
-        self._max_bytes = max_response_bytes
+        if not config.url:
+            msg = "kbs.url is not set, expected the KBS URL (http:// or https://)"
+            raise ConfigError(msg, key="kbs.url")
+        self.url = config.url.rstrip("/")
+        self.timeout_s = config.timeout_s
+        self._max_bytes = config.max_response_bytes
         self._attempts = max(1, attempts)
         self._sleep = sleep
-        https = url.startswith("https://")
-        verify: ssl.SSLContext | bool = build_ssl_context(cert_path, cert_pem) if https else False
+        https = self.url.startswith("https://")
+        verify: ssl.SSLContext | bool = build_ssl_context(config.cert_path, config.cert_pem) if https else False
         self._http = httpx.AsyncClient(
             transport=transport,
             verify=verify,
             trust_env=False,
             follow_redirects=False,
-            timeout=httpx.Timeout(timeout_s),
-            headers={"User-Agent": _USER_AGENT},
+            timeout=httpx.Timeout(config.timeout_s),
+            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
             # keep pooled connections shorter-lived than the KBS's ~5 s keep-alive (kbs-protocol.md §9)
             limits=httpx.Limits(keepalive_expiry=4.0),
         )
@@ -108,87 +107,260 @@ class KbsHttp:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def exchange(
-        self, method: str, path: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, bytes, httpx.Headers]:
-        """One HTTP exchange with bounded body, retried on connection-level failures only."""
-        request_headers = dict(headers or {})
-        if body is not None:
-            request_headers["Content-Type"] = "application/json"
-        url = self.url + path
+    async def exchange(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
+        """Send one request and read the whole answer, all within `kbs.timeout_s`."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._exchange(request)
+        except TimeoutError:
+            msg = (
+                f"KBS at {self.url} did not answer {request.method} {request.path} within {self.timeout_s:g} s "
+                "(kbs.timeout_s)"
+            )
+            raise KbsTransportError(msg) from None
+
+    async def _exchange(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
+        method, path = request.method, request.path
         for attempt in range(1, self._attempts + 1):
             started = time.monotonic()
             try:
-                async with self._http.stream(method, url, content=body, headers=request_headers) as response:
-                    chunks: list[bytes] = []
-                    size = 0
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > self._max_bytes:
-                            msg = f"KBS response to {method} {path} exceeds {self._max_bytes} bytes"
-                            raise KbsTransportError(msg)
-                        chunks.append(chunk)
-                    self._http.cookies.clear()  # cookies are handled explicitly, never by the jar
-                    log.info(
-                        "kbs.exchange",
-                        method=method,
-                        path=path,
-                        status=response.status_code,
-                        bytes=size,
-                        duration_ms=round((time.monotonic() - started) * 1000, 1),
-                    )
-                    return response.status_code, b"".join(chunks), response.headers
+                status, body, headers = await self._once(request)
             except _RETRYABLE as exc:
                 log.warning("kbs.exchange.failed", method=method, path=path, attempt=attempt, error=type(exc).__name__)
                 if attempt == self._attempts:
                     msg = f"KBS at {self.url} is unreachable: {type(exc).__name__}: {exc}"
-                    raise KbsTransportError(msg) from exc
-                await self._sleep(min(0.2 * 2**attempt, 2.0))
+                    raise KbsTransportError(msg) from None
             except httpx.TimeoutException as exc:
-                msg = f"KBS {method} {path} timed out ({type(exc).__name__})"
-                raise KbsTransportError(msg) from exc
+                msg = f"KBS at {self.url}: {method} {path} timed out ({type(exc).__name__})"
+                raise KbsTransportError(msg) from None
             except httpx.HTTPError as exc:
-                msg = f"KBS {method} {path} failed: {type(exc).__name__}: {exc}"
-                raise KbsTransportError(msg) from exc
+                msg = f"KBS at {self.url}: {method} {path} failed: {type(exc).__name__}: {exc}"
+                raise KbsTransportError(msg) from None
+            else:
+                log.info(
+                    "kbs.exchange",
+                    method=method,
+                    path=path,
+                    status=status,
+                    bytes=len(body),
+                    attempt=attempt,
+                    duration_ms=round((time.monotonic() - started) * 1000, 1),
+                )
+                if not protocol.retryable_status(status) or attempt == self._attempts:
+                    return status, body, headers
+            await self._sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
         msg = "unreachable"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
 
+    async def _once(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
+        method, path = request.method, request.path
+        async with self._http.stream(
+            method, self.url + path, content=request.body, headers=dict(request.headers or {})
+        ) as response:
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                msg = (
+                    f"KBS at {self.url} answered {method} {path} with Content-Encoding {encoding[:40]!r}, "
+                    "expected identity"
+                )
+                raise KbsProtocolError(msg)
+            chunks: list[bytes] = []
+            size = 0
+            # raw: nothing is ever decompressed. A response built in memory (httpx.MockTransport) is already read.
+            stream = _in_memory(response.content) if response.is_stream_consumed else response.aiter_raw()
+            async for chunk in stream:
+                size += len(chunk)
+                if size > self._max_bytes:
+                    msg = f"KBS at {self.url}: the response to {method} {path} exceeds {self._max_bytes} bytes"
+                    raise KbsTransportError(msg)
+                chunks.append(chunk)
+            self._http.cookies.clear()  # cookies are handled explicitly, never by the jar
+            return response.status_code, b"".join(chunks), response.headers
 
-class KbsClient:
-    """RCAR 0.4.0 client bound to one attester."""
+
+async def _in_memory(content: bytes) -> AsyncIterator[bytes]:
+    yield content
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class AttestedSession:
+    """An attested `RcarSession` (token and cookie), the TEE key pair its token is bound to, and its times.
+
+    Times are on the cache's local clock: arrival, `not_before`/`expires` from the token, `refresh_at` when a
+    background renewal starts.
+    """
+
+    session: protocol.RcarSession
+    keypair: TeeKeyPair
+    received_at: float
+    not_before: float | None
+    expires: float | None
+    refresh_at: float | None
+
+    @property
+    def token(self) -> protocol.Token:
+        assert self.session.token is not None
+        return self.session.token
+
+    @property
+    def cookie(self) -> str | None:
+        return self.session.cookie
+
+    def __repr__(self) -> str:
+        return f"AttestedSession(exp={self.token.exp})"
+
+
+Attest = Callable[[], Awaitable[tuple[protocol.RcarSession, TeeKeyPair]]]
+
+
+class CredentialCache:
+    """The current attested session for every caller: one fetch at a time, background renewal, backoff.
+
+    `attest` runs a handshake (background check) or asks for a token (passport) and returns an attested
+    `RcarSession` with its key pair.
+    """
 
     def __init__(
         self,
+        attest: Attest,
         *,
-        url: str,
+        kbs: str,
+        margin_s: float,
+        deadline_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rng: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self._attest = attest
+        self._kbs = kbs
+        self._margin = margin_s
+        self._deadline = deadline_s
+        self._clock = clock
+        self._wall = wall_clock
+        self._rng = rng
+        self._failures = 0
+        self._retry_at = 0.0
+        self._shared: SharedValue[AttestedSession] = SharedValue(self._fetch, self._usable)
+
+    @property
+    def fetches(self) -> int:
+        return self._shared.refreshes
+
+    @property
+    def current(self) -> AttestedSession | None:
+        return self._shared.value
+
+    async def _fetch(self) -> AttestedSession:
+        try:
+            async with asyncio.timeout(self._deadline):
+                session, keypair = await self._attest()
+            result = self._timed(session, keypair)
+        except TimeoutError:
+            self._failed()
+            msg = f"KBS at {self._kbs}: attestation did not finish within {self._deadline:g} s (2 x kbs.timeout_s)"
+            raise KbsTransportError(msg) from None
+        except Exception as exc:  # e.g. the AA's ttRPC error in passport mode: every failure backs off
+            self._failed()
+            error = str(exc) if isinstance(exc, AgentError) else type(exc).__name__
+            log.warning("kbs.attestation.failed", kbs=self._kbs, error=error, failures=self._failures)
+            raise
+        self._failures = 0
+        return result
+
+    def _failed(self) -> None:
+        self._failures += 1
+        backoff = min(2.0**self._failures, _MAX_BACKOFF_S)
+        self._retry_at = self._clock() + self._rng(0.5 * backoff, backoff)
+
+    def _timed(self, session: protocol.RcarSession, keypair: TeeKeyPair) -> AttestedSession:
+        assert session.token is not None
+        now = self._clock()
+        not_before, expires = session.token.validity(now, self._wall())
+        refresh_at = None
+        if expires is not None:
+            if expires <= now:
+                msg = f"KBS at {self._kbs} issued a token that is already expired (exp is not after iat)"
+                raise KbsProtocolError(msg)
+            refresh_at = now + (expires - now) * self._rng(*_REFRESH_FRACTION)
+        return AttestedSession(session, keypair, now, not_before, expires, refresh_at)
+
+    def _usable(self, value: AttestedSession) -> bool:
+        now = self._clock()
+        if value.not_before is not None and now < value.not_before - self._margin:
+            return False
+        if value.expires is None:
+            return True
+        # short tokens keep most of their life: a 20 s token is served until 2 s before it expires, not 30 s
+        guard = min(self._margin, _EXPIRY_GUARD * (value.expires - value.received_at))
+        return now < value.expires - guard
+
+    async def get(self, *, stale: AttestedSession | None = None) -> AttestedSession:
+        """The current session; a caller waits only when there is no usable one (or it was `stale`: refused)."""
+        current = self._shared.value
+        if current is not None and current is not stale and self._usable(current):
+            now = self._clock()
+            due = current.refresh_at is not None and now >= current.refresh_at
+            if due and not self._shared.busy and now >= self._retry_at:
+                log.info("kbs.refresh.started", kbs=self._kbs, mode="background")
+                self._shared.refresh()
+            return current
+        return await self._shared.get(stale=stale)
+
+    def close(self) -> None:
+        """Stop a renewal that is still running (the client is shutting down)."""
+        self._shared.cancel()
+
+    async def fresh(self) -> AttestedSession:
+        """A session from a fetch that starts now (or is already running): never the cached one."""
+        return await self._shared.get(stale=self._shared.value)
+
+
+async def fetch_resource(http: KbsHttp, credentials: CredentialCache, uri: ResourceUri) -> bytes:
+    """GET and decrypt a resource: the one 401 rule (renew the credential once, then give up) for both modes."""
+    attested = await credentials.get()
+    for may_renew in (True, False):
+        request = attested.session.resource_request(uri.kbs_path())
+        status, body, _ = await http.exchange(request)
+        outcome = attested.session.receive_resource(status, body, what=uri.path, may_renew=may_renew)
+        if outcome is protocol.Renew.CREDENTIAL:
+            log.info("kbs.credential.rejected", path=uri.kbs_path(), action="renew")
+            attested = await credentials.get(stale=attested)
+            continue
+        assert isinstance(outcome, bytes)
+        try:
+            return await asyncio.to_thread(decrypt, attested.keypair, outcome)
+        except DecryptionError:
+            msg = f"KBS at {http.url}: the response for resource {uri.path} cannot be decrypted with the agent's key"
+            raise KbsProtocolError(msg) from None
+    msg = "unreachable"  # pragma: no cover
+    raise AssertionError(msg)  # pragma: no cover
+
+
+class KbsClient:
+    """RCAR 0.4.0 client (background-check mode) bound to one attester."""
+
+    def __init__(
+        self,
+        config: KbsConfig,
         attester: Attester,
-        key_algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256,
-        cert_path: str | None = None,
-        cert_pem: str | None = None,
-        timeout_s: float = 60.0,
-        max_response_bytes: int = 16 * 1024 * 1024,
-        refresh_margin_s: float = 30.0,
-        attempts: int = 3,
+        *,
         init_data_toml: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`clock` (tests) replaces both the monotonic and the wall clock."""
+        self._config = config
         self._attester = attester
-        self._key_algorithm = key_algorithm
-        self._margin = refresh_margin_s
         self._init_data = init_data_toml
-        self._clock = clock
-        self._sessions: SharedValue[AttestedSession] = SharedValue(self._handshake, self._usable)
-        self.http = KbsHttp(
-            url,
-            cert_path=cert_path,
-            cert_pem=cert_pem,
-            timeout_s=timeout_s,
-            max_response_bytes=max_response_bytes,
-            attempts=attempts,
-            transport=transport,
-            sleep=sleep,
+        self.http = KbsHttp(config, transport=transport, sleep=sleep)
+        self._credentials = CredentialCache(
+            self._handshake,
+            kbs=self.http.url,
+            margin_s=config.token_refresh_margin_s,
+            deadline_s=2 * config.timeout_s,
+            clock=clock or time.monotonic,
+            wall_clock=clock or time.time,
         )
 
     async def __aenter__(self) -> KbsClient:
@@ -198,56 +370,23 @@ class KbsClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._credentials.close()
         await self.http.aclose()
 
-    # -- RCAR --------------------------------------------------------------------------------------------------
-
-    async def _handshake(self) -> AttestedSession:
-        keypair = await asyncio.to_thread(TeeKeyPair.generate, self._key_algorithm)
-        tee_pubkey = keypair.public_jwk()
-        status, body, headers = await self.http.exchange(
-            "POST", "/kbs/v0/auth", body=protocol.request_body(self._attester.tee)
+    async def _handshake(self) -> tuple[protocol.RcarSession, TeeKeyPair]:
+        keypair = await asyncio.to_thread(TeeKeyPair.generate, self._config.tee_key_algorithm)
+        session = protocol.RcarSession(
+            tee=self._attester.tee, tee_pubkey=keypair.public_jwk(), kbs=self.http.url, init_data_toml=self._init_data
         )
-        if status != 200:
-            raise self._rejected(status, body, "auth")
-        challenge = protocol.parse_challenge(body)
-        cookie = None
-        for value in headers.get_list("set-cookie"):
-            match = _COOKIE.search(value)
-            if match:
-                cookie = match.group(1)
-        if cookie is None:
-            msg = "KBS auth response did not set the kbs-session-id cookie"
-            raise KbsProtocolError(msg)
-        digest = protocol.binding_digest(protocol.runtime_data(challenge.nonce, tee_pubkey), challenge.hash_algorithm)
-        evidence_bytes = await self._attester.get_evidence(digest)
-        attestation = protocol.attestation_body(
-            nonce=challenge.nonce,
-            tee_pubkey=tee_pubkey,
-            evidence=json.loads(evidence_bytes),
-            init_data_toml=self._init_data,
+        status, body, headers = await self.http.exchange(session.auth_request())
+        session.receive_auth(status, body, headers.get_list("set-cookie"))
+        evidence = await self._attester.get_evidence(session.binding_digest())
+        status, body, _ = await self.http.exchange(session.attest_request(evidence))
+        token = session.receive_attest(status, body)
+        log.info(
+            "kbs.attested", tee=self._attester.tee, exp=token.exp, key_algorithm=self._config.tee_key_algorithm.value
         )
-        status, body, _ = await self.http.exchange(
-            "POST", "/kbs/v0/attest", body=attestation, headers={"Cookie": f"kbs-session-id={cookie}"}
-        )
-        if status != 200:
-            raise self._rejected(status, body, "attest")
-        token = protocol.parse_attest_response(body)
-        log.info("kbs.attested", tee=self._attester.tee, exp=token.exp, key_algorithm=self._key_algorithm.value)
-        return AttestedSession(token, keypair, cookie)
-
-    @staticmethod
-    def _rejected(status: int, body: bytes, step: str) -> AgentError:
-        if status == 404:
-            return ResourceNotFound(str(protocol.error_from_response(status, body, step=step)))
-        return protocol.error_from_response(status, body, step=step)
-
-    def _usable(self, session: AttestedSession) -> bool:
-        now = self._clock()
-        exp, nbf = session.token.exp, session.token.nbf
-        if exp is not None and now >= exp - self._margin:
-            return False
-        return not (nbf is not None and now < nbf - self._margin)
+        return session, keypair
 
     async def session(self, *, stale: AttestedSession | None = None) -> AttestedSession:
         """The current attested session, running one handshake for all concurrent callers when needed.
@@ -255,7 +394,7 @@ class KbsClient:
         `stale` names a session the caller found rejected (401): it is replaced unless someone already did.
         Callers that arrive while a handshake runs share its result, including its failure.
         """
-        return await self._sessions.get(stale=stale)
+        return await self._credentials.get(stale=stale)
 
     async def fresh_session(self) -> AttestedSession:
         """A session from a handshake that starts now (or is already in flight): never a cached one.
@@ -263,26 +402,12 @@ class KbsClient:
         GetToken callers (the data hub in passport mode) cache the token themselves and ask again only when it
         expired or the KBS rejected it, so handing out the cached session could hand back the rejected token.
         """
-        return await self._sessions.get(stale=self._sessions.value)
+        return await self._credentials.fresh()
 
     @property
     def handshakes(self) -> int:
-        return self._sessions.refreshes
+        return self._credentials.fetches
 
     async def get_resource(self, uri: ResourceUri) -> bytes:
-        """Fetch and decrypt a resource; one fresh handshake and retry on 401."""
-        session = await self.session()
-        for retry in (True, False):
-            headers = {"Authorization": f"Bearer {session.token.raw}"}
-            if session.cookie:
-                headers["Cookie"] = f"kbs-session-id={session.cookie}"
-            status, body, _ = await self.http.exchange("GET", uri.kbs_path(), headers=headers)
-            if status == 200:
-                return await asyncio.to_thread(decrypt, session.keypair, body)
-            if status == 401 and retry:
-                log.info("kbs.session.rejected", path=uri.kbs_path(), action="re-attest")
-                session = await self.session(stale=session)
-                continue
-            raise self._rejected(status, body, f"resource {uri.path}")
-        msg = "unreachable"  # pragma: no cover
-        raise AssertionError(msg)  # pragma: no cover
+        """Fetch and decrypt a resource; one renewed session and retry on a 401 that a new token may cure."""
+        return await fetch_resource(self.http, self._credentials, uri)

@@ -10,8 +10,6 @@ opaque `DecryptionError`. `encrypt()` exists for the development KBS and for tes
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import json
 import secrets
@@ -27,9 +25,9 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from agent.errors import DecryptionError
-from agent.strictjson import b64url_encode
+from agent.strictjson import b64url_decode, b64url_encode, load_json_object
 
-__all__ = ["KeyAlgorithm", "TeeKeyPair", "b64url_decode", "b64url_encode", "decrypt", "encrypt"]
+__all__ = ["KeyAlgorithm", "TeeKeyPair", "decrypt", "encrypt"]
 
 _ENC = "A256GCM"
 _ECDH = "ECDH-ES+A256KW"
@@ -55,17 +53,9 @@ _CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
 }
 
 
-def b64url_decode(text: object) -> bytes:
-    """Base64url, with or without padding; raises ValueError on anything else."""
-    if not isinstance(text, str) or any(c in text for c in "+/ \n\r\t"):
-        msg = "not base64url"
-        raise ValueError(msg)
-    stripped = text.rstrip("=")
-    try:
-        return base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
-    except (binascii.Error, ValueError) as exc:
-        msg = "not base64url"
-        raise ValueError(msg) from exc
+def _b64(value: object, what: str) -> bytes:
+    # kbs-protocol.md §6.2: the KBS writes no padding; a client may accept both
+    return b64url_decode(value, what, error=ValueError, padded=True)
 
 
 def _int_bytes(value: int, length: int) -> bytes:
@@ -137,8 +127,8 @@ class TeeKeyPair:
 
 def _concat_kdf(z: bytes, header: dict[str, Any]) -> bytes:
     """RFC 7518 §4.6.2 Concat KDF for ECDH-ES+A256KW (256-bit KEK, SHA-256)."""
-    apu = b64url_decode(header["apu"]) if "apu" in header else b""
-    apv = b64url_decode(header["apv"]) if "apv" in header else b""
+    apu = _b64(header["apu"], "apu") if "apu" in header else b""
+    apv = _b64(header["apv"], "apv") if "apv" in header else b""
     alg = _ECDH.encode("ascii")
     other_info = (
         struct.pack(">I", len(alg))
@@ -157,7 +147,7 @@ def _load_epk(epk: object, crv: str) -> ec.EllipticCurvePublicKey:
         msg = "epk does not match the key"
         raise ValueError(msg)
     curve_cls, size = _CURVES[crv]
-    x, y = b64url_decode(epk["x"]), b64url_decode(epk["y"])
+    x, y = _b64(epk.get("x"), "x"), _b64(epk.get("y"), "y")
     if len(x) != size or len(y) != size:
         msg = "epk coordinates have the wrong length"
         raise ValueError(msg)
@@ -177,13 +167,11 @@ def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
     try:
         if len(jwe) > _MAX_JWE_BYTES:
             raise DecryptionError
-        body = json.loads(jwe)
+        body = load_json_object(jwe, "JWE", error=ValueError)
         protected_b64 = body["protected"]
         if not isinstance(protected_b64, str) or "aad" in body:
             raise DecryptionError
-        header = json.loads(b64url_decode(protected_b64))
-        if not isinstance(header, dict):
-            raise DecryptionError
+        header = load_json_object(_b64(protected_b64, "protected"), "JWE header", error=ValueError)
         # JOSE header = union of protected, shared and per-recipient headers; the members must be disjoint
         # (RFC 7516 §7.2.1). Trustee puts everything in `protected`; jwcrypto puts `epk` per recipient.
         for extra_name in ("unprotected", "header"):
@@ -195,10 +183,10 @@ def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
             raise DecryptionError
         if header.get("alg") != keypair.algorithm.jwe_alg:
             raise DecryptionError
-        encrypted_key = b64url_decode(body["encrypted_key"])
-        iv = b64url_decode(body["iv"])
-        ciphertext = b64url_decode(body["ciphertext"])
-        tag = b64url_decode(body["tag"])
+        encrypted_key = _b64(body["encrypted_key"], "encrypted_key")
+        iv = _b64(body["iv"], "iv")
+        ciphertext = _b64(body["ciphertext"], "ciphertext")
+        tag = _b64(body["tag"], "tag")
         if len(iv) != 12 or len(tag) != 16:
             raise DecryptionError
         key = keypair.private_key
@@ -224,8 +212,8 @@ def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
 def _public_key_from_jwk(jwk: dict[str, Any]) -> tuple[str, ec.EllipticCurvePublicKey | rsa.RSAPublicKey]:
     kty = jwk.get("kty")
     if kty == "RSA" and jwk.get("alg", _RSA_OAEP) == _RSA_OAEP:
-        n = int.from_bytes(b64url_decode(jwk["n"]), "big")
-        e = int.from_bytes(b64url_decode(jwk["e"]), "big")
+        n = int.from_bytes(b64url_decode(jwk["n"], "n", error=ValueError), "big")
+        e = int.from_bytes(b64url_decode(jwk["e"], "e", error=ValueError), "big")
         return _RSA_OAEP, rsa.RSAPublicNumbers(e, n).public_key()
     if kty == "EC" and jwk.get("alg", _ECDH) == _ECDH and jwk.get("crv") in _CURVES:
         return _ECDH, _load_epk({"kty": "EC", "crv": jwk["crv"], "x": jwk["x"], "y": jwk["y"]}, jwk["crv"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import structlog
 
 from agent.errors import ConfigError, ResourceNotFound
 from agent.kbs.resource import ResourceUri
+from agent.strictjson import load_json
 
 __all__ = ["DEFAULT_FILES", "OfflineFsKbc", "parse_resource_file"]
 
@@ -27,11 +27,7 @@ MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
 def parse_resource_file(raw: bytes, *, source: str) -> dict[str, bytes]:
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        msg = f"offline_fs_kbc file {source} is not JSON"
-        raise ConfigError(msg, key=source) from exc
+    value = load_json(raw, f"offline_fs_kbc file {source}", error=ConfigError)
     if not isinstance(value, dict):
         msg = f"offline_fs_kbc file {source} is not a JSON object of <repo>/<type>/<tag> -> base64"
         raise ConfigError(msg, key=source)

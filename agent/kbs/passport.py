@@ -2,30 +2,29 @@
 
 This is how the reference data hub works in `cc_kbc` mode: it asks the attestation agent for
 `GetToken("kbs")` (`{"token", "tee_keypair"}`), then sends `GET /kbs/v0/resource/...` with
-`Authorization: Bearer <token>` and decrypts the JWE with the key pair. The pair is kept until shortly before
-the token's `exp`; a 401 fetches a new pair once and retries.
+`Authorization: Bearer <token>` and decrypts the JWE with the key pair. The pair goes through the same
+`CredentialCache` as the background-check client (kept until shortly before `exp`, renewed in the background,
+`nbf` honoured) and the same `fetch_resource` (a 401 fetches a new pair once and retries). A token bound to a
+key other than the pair's is refused.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import structlog
+import httpx
 
-from agent.errors import KbsProtocolError, ResourceNotFound
+from agent.config import KbsConfig
+from agent.errors import KbsProtocolError
 from agent.kbs import protocol
-from agent.kbs.client import KbsHttp
-from agent.kbs.jwe import TeeKeyPair, decrypt
+from agent.kbs.client import CredentialCache, KbsHttp, fetch_resource
+from agent.kbs.jwe import TeeKeyPair
 from agent.kbs.resource import ResourceUri
-from agent.shared import SharedValue
+from agent.strictjson import load_json_object
 
 __all__ = ["PassportClient", "TokenPair", "parse_token_reply"]
-
-log = structlog.get_logger("agent.kbs.passport")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +38,15 @@ class TokenPair:
 
 def parse_token_reply(data: bytes) -> TokenPair:
     """The AA's `GetToken("kbs")` payload `{"token": "<JWT>", "tee_keypair": "<PEM>"}`."""
+    value = load_json_object(data, "the attestation agent's token reply", error=KbsProtocolError)
+    token, pem = value.get("token"), value.get("tee_keypair")
     try:
-        value = json.loads(data)
-        token, pem = value["token"], value["tee_keypair"]
         if not isinstance(token, str) or not isinstance(pem, str):
             raise TypeError
         keypair = TeeKeyPair.from_pem(pem.encode("ascii"))
-    except (ValueError, KeyError, TypeError, UnicodeError) as exc:
+    except (ValueError, TypeError, UnicodeError):
         msg = "the attestation agent's token reply is not {token, tee_keypair}"
-        raise KbsProtocolError(msg) from exc
+        raise KbsProtocolError(msg) from None
     return TokenPair(protocol.parse_token(token), keypair)
 
 
@@ -57,42 +56,35 @@ TokenSource = Callable[[], Awaitable[TokenPair]]
 class PassportClient:
     def __init__(
         self,
-        http: KbsHttp,
+        config: KbsConfig,
         token_source: TokenSource,
         *,
-        refresh_margin_s: float = 30.0,
-        clock: Callable[[], float] = time.time,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
-        self.http = http
-        self._margin = refresh_margin_s
-        self._clock = clock
-        self._pairs: SharedValue[TokenPair] = SharedValue(token_source, self._usable)
+        """`clock` (tests) replaces both the monotonic and the wall clock."""
+        self.http = KbsHttp(config, transport=transport)
+        self._token_source = token_source
+        self._credentials = CredentialCache(
+            self._attest,
+            kbs=self.http.url,
+            margin_s=config.token_refresh_margin_s,
+            deadline_s=2 * config.timeout_s,
+            clock=clock or time.monotonic,
+            wall_clock=clock or time.time,
+        )
 
     async def aclose(self) -> None:
+        self._credentials.close()
         await self.http.aclose()
 
-    def _usable(self, pair: TokenPair) -> bool:
-        exp = pair.token.exp
-        return exp is None or self._clock() < exp - self._margin
+    async def _attest(self) -> tuple[protocol.RcarSession, TeeKeyPair]:
+        pair = await self._token_source()
+        return protocol.RcarSession.with_token(pair.token, pair.keypair.public_jwk(), kbs=self.http.url), pair.keypair
 
     @property
     def token_requests(self) -> int:
-        return self._pairs.refreshes
+        return self._credentials.fetches
 
     async def get_resource(self, uri: ResourceUri) -> bytes:
-        pair = await self._pairs.get()
-        for retry in (True, False):
-            headers = {"Authorization": f"Bearer {pair.token.raw}"}
-            status, body, _ = await self.http.exchange("GET", uri.kbs_path(), headers=headers)
-            if status == 200:
-                return await asyncio.to_thread(decrypt, pair.keypair, body)
-            if status == 401 and retry:
-                log.info("kbs.token.rejected", path=uri.kbs_path(), action="new token")
-                pair = await self._pairs.get(stale=pair)
-                continue
-            error = protocol.error_from_response(status, body, step=f"resource {uri.path}")
-            if status == 404:
-                raise ResourceNotFound(str(error))
-            raise error
-        msg = "unreachable"  # pragma: no cover
-        raise AssertionError(msg)  # pragma: no cover
+        return await fetch_resource(self.http, self._credentials, uri)

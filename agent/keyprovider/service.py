@@ -9,7 +9,6 @@ Wrapping is the image owner's side and lives in the tools distribution (`cvm_too
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -17,6 +16,7 @@ import structlog
 
 from agent.errors import InvalidRequest, NotSupported
 from agent.keyprovider import annotation, messages
+from agent.shared import SharedValue
 
 __all__ = ["GuestKeyProvider"]
 
@@ -39,8 +39,7 @@ class GuestKeyProvider:
         self._fetch = fetch_resource
         self._cache_s = cache_s
         self._clock = clock
-        self._cache: dict[str, tuple[bytes, float]] = {}
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._keks: dict[str, SharedValue[tuple[bytes, float]]] = {}  # kid -> (KEK, cached until)
         self.kek_fetches = 0
 
     async def unwrap_key(self, request: bytes) -> bytes:
@@ -59,29 +58,30 @@ class GuestKeyProvider:
         return messages.unwrap_reply(optsdata)
 
     async def _kek(self, kid: str) -> bytes:
-        cached = self._cache.get(kid)
-        if cached is not None and self._clock() < cached[1]:
-            return cached[0]
-        future = self._inflight.get(kid)
-        if future is None:
-            future = asyncio.ensure_future(self._fetch_kek(kid))
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._inflight[kid] = future
-        return await asyncio.shield(future)
+        """One fetch per `kid` at a time, shared by every layer that asks (`SharedValue`), cached `cache_s`."""
+        shared = self._keks.get(kid)
+        if shared is None:
+            self._forget_idle()
+            shared = SharedValue(lambda: self._fetch_kek(kid), self._fresh, keep=self._cache_s > 0)
+            self._keks[kid] = shared
+        return (await shared.get())[0]
 
-    async def _fetch_kek(self, kid: str) -> bytes:
-        try:
-            self.kek_fetches += 1
-            kek = await self._fetch(kid)
-            if len(kek) != KEK_BYTES:
-                msg = f"the key-encryption key at {kid} is {len(kek)} bytes, expected {KEK_BYTES}"
-                raise InvalidRequest(msg)
-            if self._cache_s > 0:
-                self._cache[kid] = (kek, self._clock() + self._cache_s)
-            return kek
-        finally:
-            del self._inflight[kid]
+    def _fresh(self, cached: tuple[bytes, float]) -> bool:
+        return self._clock() < cached[1]
+
+    def _forget_idle(self) -> None:
+        for kid in [k for k, s in self._keks.items() if not s.busy and (s.value is None or not self._fresh(s.value))]:
+            del self._keks[kid]
+
+    async def _fetch_kek(self, kid: str) -> tuple[bytes, float]:
+        self.kek_fetches += 1
+        kek = await self._fetch(kid)
+        if len(kek) != KEK_BYTES:
+            msg = f"the key-encryption key at {kid} is {len(kek)} bytes, expected {KEK_BYTES}"
+            raise InvalidRequest(msg)
+        return kek, self._clock() + self._cache_s
 
     def clear(self) -> None:
         """Forget every cached KEK."""
-        self._cache.clear()
+        for shared in self._keks.values():
+            shared.clear()

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from agent.errors import EvidenceParseError
+from agent.strictjson import load_json
 from agent.tee import ccel, snp, tdx
 
 __all__ = ["decode", "decode_evidence", "format_text"]
@@ -210,10 +210,10 @@ def decode(data: bytes) -> dict[str, Any]:
     text = data.strip()
     if text.startswith(b"{"):
         try:
-            obj = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+            obj = load_json(text, "the evidence JSON", error=ValueError)
+        except ValueError as exc:
             msg = f"the input starts like JSON but does not parse: {exc}"
-            raise EvidenceParseError(msg) from exc
+            raise EvidenceParseError(msg) from None
         return decode_evidence(obj)
     if len(data) == snp.SNP_REPORT_LEN:
         return _snp_report(snp.parse_report(data))

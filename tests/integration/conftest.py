@@ -25,6 +25,8 @@ from agent.kbs.client import KbsClient
 from agent.kbs.jwe import KeyAlgorithm
 from agent.tee.sample import SampleAttester
 
+__all__ = ["SECRET", "DevKbsServer", "RunningAgent", "TlsFiles", "start_agent", "stop_agent"]
+
 SECRET = b"top-secret-resource-\x00\x01\x02-value"
 
 

@@ -116,13 +116,15 @@ class TestGetResource:
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert dev_kbs.core.counters == {"auth": 0, "attest": 0, "resource": 0, "rejected": 0}
 
-    async def test_missing_resource_reports_kbs_error(self, agent: RunningAgent) -> None:
+    async def test_missing_resource_reports_kbs_error(self, agent: RunningAgent, dev_kbs: DevKbsServer) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await get_resource(agent, "kbs:///default/key/none")
         assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
         assert info.value.details() == (
             "KBS resource default/key/none failed with HTTP 401: PluginInternalError: Plugin internal error"
+            " (the resource may not exist, or the KBS resource policy refused it)"
         )
+        assert dev_kbs.core.counters["auth"] == 1  # a new token cannot cure it: no second handshake
 
     async def test_concurrent_cold_calls_share_one_handshake(self, agent: RunningAgent, dev_kbs: DevKbsServer) -> None:
         results = await asyncio.gather(*(get_resource(agent, "kbs:///default/key/1") for _ in range(25)))
@@ -144,7 +146,9 @@ class TestGetResource:
     async def test_token_refreshed_before_exp(self, tmp_path: Path, dev_kbs: DevKbsServer) -> None:
         now = [1_000_000.0]
         dev_kbs.core.clock = lambda: now[0]
-        agent = await start_agent(str(tmp_path / "a.sock"), dev_kbs.url, clock=lambda: now[0], refresh_margin_s=30)
+        agent = await start_agent(
+            str(tmp_path / "a.sock"), dev_kbs.url, clock=lambda: now[0], token_refresh_margin_s=30
+        )
         try:
             await get_resource(agent, "kbs:///default/key/1")
             now[0] += 5 * 60 - 29  # inside the refresh margin of the 5-minute token, session still alive
@@ -210,7 +214,10 @@ class TestGetResource:
         try:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await get_resource(agent, "kbs:///default/key/1")
-            assert "timed out" in (info.value.details() or "")
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert info.value.details() == (
+                f"KBS at http://127.0.0.1:{silent_server} did not answer POST /kbs/v0/auth within 0.5 s (kbs.timeout_s)"
+            )
         finally:
             await stop_agent(agent)
 

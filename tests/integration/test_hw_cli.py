@@ -101,3 +101,13 @@ def test_decode_stdin_and_errors(tmp_path: Path) -> None:
     usage = cli("evidence", "--ccel-data", "/x")
     assert usage.returncode == 2
     assert b"--ccel-data applies only with --decode --local" in usage.stderr
+
+
+def test_probe_states_the_plain_http_risk(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[kbs]\nurl = "http://10.0.0.2:8080"\n')
+    out = cli("tee", "--probe", "--config", str(config), *path_flags(tmp_path)).stdout.decode()
+    assert "kbs: http://10.0.0.2:8080\n  warning: plain HTTP to the KBS: anyone on the path, the host included" in out
+    assert "JWE protects only against passive readers of the response" in out
+    config.write_text('[kbs]\nurl = "https://kbs.example"\n')
+    assert "warning" not in cli("tee", "--probe", "--config", str(config), *path_flags(tmp_path)).stdout.decode()

@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-minutes", type=float, default=5.0, help="session cookie lifetime (default 5)")
     p.add_argument("--admin-public-key", metavar="PEM", help="accept admin resource uploads signed by this key")
     p.add_argument("--insecure-admin", action="store_true", help="accept admin resource uploads from anyone")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="STEP:KIND[:ARG[:TIMES]]",
+        help="misbehave on purpose (repeatable), e.g. auth:status:503:2, resource:drip:0.5, attest:foreign-pubkey; "
+        "kinds are listed in cvm_tools/devkbs/faults.py",
+    )
 
     p = sub.add_parser(
         "keyprovider",
@@ -165,6 +173,13 @@ def _dev_kbs(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         _error("--tls-cert and --tls-key go together")
         return EXIT_USAGE
+    from cvm_tools.devkbs.faults import parse_fault_spec
+
+    try:
+        faults = [parse_fault_spec(spec) for spec in args.fault]
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
     server = DevKbsServer(
         resources,
         host=args.host,
@@ -183,6 +198,10 @@ def _dev_kbs(args: argparse.Namespace) -> int:
         warning="development KBS: accepts the mock sample TEE and signs tokens with an ephemeral key; never use it "
         "to protect real secrets",
     )
+    for step, kind, arg, times in faults:
+        server.core.faults.add(step, kind, arg, times=times)
+    if faults:
+        structlog.get_logger("cvm_tools.devkbs").warning("devkbs.faults", faults=args.fault)
     print(f"dev-kbs listening on {server.url}", flush=True)
     # SIGTERM shuts the server down from another thread (serve_forever blocks this one), then exit 0
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

@@ -15,11 +15,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+from hypothesis import given
+from hypothesis import strategies as st
 from jwcrypto import jwe as jw_jwe
 from jwcrypto import jwk as jw_jwk
 
 from agent.errors import DecryptionError
-from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, b64url_decode, b64url_encode, decrypt, encrypt
+from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt, encrypt
+from agent.strictjson import b64url_decode as _strict_b64url_decode
+from agent.strictjson import b64url_encode
+
+
+def b64url_decode(text: str) -> bytes:
+    return _strict_b64url_decode(text, "test value")
+
 
 ALGORITHMS = list(KeyAlgorithm)
 PLAINTEXT = b"\x00the resource bytes\xff" * 3
@@ -199,3 +208,34 @@ class TestKeys:
         )
         with pytest.raises(ValueError, match="P-256"):
             TeeKeyPair.from_pem(pem)
+
+
+JWE_MEMBERS = st.fixed_dictionaries(
+    {},
+    optional={
+        name: st.one_of(
+            st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=", max_size=60),
+            st.integers(),
+            st.none(),
+            st.lists(st.text(max_size=3), max_size=2),
+        )
+        for name in ("protected", "encrypted_key", "iv", "ciphertext", "tag", "aad", "header")
+    },
+)
+
+
+@given(JWE_MEMBERS)
+def test_decrypt_of_any_member_soup_is_only_a_decryption_error(members: dict[str, object]) -> None:
+    keypair = _EC_KEYPAIR
+    with pytest.raises(DecryptionError) as info:
+        decrypt(keypair, json.dumps(members).encode())
+    assert str(info.value) == "decryption failed"
+
+
+@given(st.binary(max_size=300))
+def test_decrypt_of_any_bytes_is_only_a_decryption_error(data: bytes) -> None:
+    with pytest.raises(DecryptionError):
+        decrypt(_EC_KEYPAIR, data)
+
+
+_EC_KEYPAIR = TeeKeyPair.generate(KeyAlgorithm.EC_P256)

@@ -156,6 +156,7 @@ class TestErrors:
     def test_detail_bounded_and_printable(self) -> None:
         body = json.dumps({"type": "x/Y", "detail": "a\nb" + "z" * 5000}).encode()
         error = protocol.error_from_response(401, body, step="auth")
+        assert isinstance(error, AttestationRejected)
         assert "\n" not in str(error)
         assert len(error.detail) == protocol.MAX_ERROR_DETAIL
 
@@ -164,3 +165,9 @@ class TestErrors:
 def test_challenge_parser_never_crashes(data: bytes) -> None:
     with contextlib.suppress(KbsProtocolError):
         protocol.parse_challenge(data)
+
+
+def test_token_longer_than_the_kbs_request_head_is_refused() -> None:
+    raw = _jwt({"exp": 1, "pad": "x" * protocol.MAX_TOKEN_BYTES})
+    with pytest.raises(KbsProtocolError, match=r"^KBS token is \d+ bytes, expected at most 131072"):
+        protocol.parse_attest_response(json.dumps({"token": raw}).encode())

@@ -216,8 +216,11 @@ class TestParsePacket:
             (b"\xff{}", "is not UTF-8."),
             (b'{"kid":"a","kid":"b"}', "has the key 'kid' more than once."),
             (NAN, "is not valid JSON."),
-            (b'{"kid":"\\ud800","wrapped_data":"","provider":"x"}', "is not valid JSON."),
-            (b'{"a":' + b"[" * 20000 + b"]" * 20000 + b"}", "is not valid JSON."),
+            (
+                b'{"kid":"\\ud800","wrapped_data":"","provider":"x"}',
+                "has a lone surrogate \\ud800, expected valid Unicode.",
+            ),
+            (b'{"a":' + b"[" * 20000 + b"]" * 20000 + b"}", "is nested more than 64 levels deep, expected at most 64."),
             (b'{"n":' + b"9" * 5000 + b"}", "is not valid JSON."),
         ],
     )

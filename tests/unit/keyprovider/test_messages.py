@@ -225,8 +225,14 @@ class TestMalformedRequests:
                 f"`keywrapparams.ec.Parameters['x'][0]` {NOT_BYTES}",
             ),
             (wrap_with('{"optsdata":"YQ=="}', ',"x":Infinity'), "is not valid JSON."),
-            (wrap_with('{"optsdata":"YQ=="}', ',"x":"\\udc00"'), "is not valid JSON."),
-            (b'{"x":' + b"[" * 100000 + b"]" * 100000 + b"}", "is not valid JSON."),
+            (
+                wrap_with('{"optsdata":"YQ=="}', ',"x":"\\udc00"'),
+                "has a lone surrogate \\udc00, expected valid Unicode.",
+            ),
+            (
+                b'{"x":' + b"[" * 100000 + b"]" * 100000 + b"}",
+                "is nested more than 64 levels deep, expected at most 64.",
+            ),
         ],
     )
     def test_rejected(self, data: bytes, message: str) -> None:

@@ -30,8 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from agent import jws
 from agent.kbs import jwe
 from agent.kbs.jcs import canonicalize
-from agent.strictjson import b64url_encode
+from agent.strictjson import b64url_encode, load_json_object
 from cvm_tools import sign as jws_sign
+from cvm_tools.devkbs.faults import CORE_KINDS, FaultPlan
 from cvm_tools.devkbs.verifiers import HARDWARE_VERIFIERS, init_data_digest
 
 __all__ = ["KNOWN_TEES", "DevKbsCore", "Response"]
@@ -135,6 +136,7 @@ class DevKbsCore:
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {"auth": 0, "attest": 0, "resource": 0, "rejected": 0}
+        self.faults = FaultPlan()  # misbehaviour on purpose, for the reliability suite (`cvm_tools.devkbs.faults`)
 
     # -- tokens ------------------------------------------------------------------------------------------------
 
@@ -150,6 +152,12 @@ class DevKbsCore:
 
     def issue_token(self, tee: str, claims: dict[str, Any], runtime: dict[str, Any], init: str | None) -> str:
         now = int(self.clock())
+        lifetime = int(self.token_s)
+        fault = self.faults.take("attest", CORE_KINDS)
+        if fault is not None and fault.kind == "foreign-pubkey":
+            runtime = {**runtime, "tee-pubkey": jwe.TeeKeyPair.generate().public_jwk()}
+        elif fault is not None and fault.kind == "expired-token":
+            lifetime = -60
         annotated: dict[str, Any] = {
             tee: claims,
             "runtime_data_claims": runtime,
@@ -160,7 +168,7 @@ class DevKbsCore:
         payload = {
             "eat_profile": "tag:github.com,2024:confidential-containers/Trustee",
             "iat": now,
-            "exp": now + int(self.token_s),
+            "exp": now + lifetime,
             "iss": "cvm-agent-dev-kbs",
             "ear.verifier-id": {"developer": "cvm-agent", "build": "dev-kbs"},
             "submods": {
@@ -214,7 +222,7 @@ class DevKbsCore:
 
     def _auth(self, body: bytes) -> Response:
         try:
-            request = json.loads(body)
+            request = load_json_object(body, "Request", error=ValueError)
             version, tee = request["version"], request["tee"]
             if not isinstance(version, str) or not isinstance(tee, str) or tee not in KNOWN_TEES:
                 raise TypeError
@@ -226,10 +234,12 @@ class DevKbsCore:
                 "AttestationError",
                 "Attestation error: RCAR handshake Auth failed: failed to parse KBS version",
             )
-        if version != PROTOCOL_VERSION:
+        fault = self.faults.take("auth", CORE_KINDS)
+        expected = str(fault.arg) if fault is not None and fault.kind == "version" else PROTOCOL_VERSION
+        if version != expected:
             detail = (
                 "Attestation error: RCAR handshake Auth failed: KBS Client Protocol Version Mismatch: "
-                f"expect ={PROTOCOL_VERSION} while the request is {version}"
+                f"expect ={expected} while the request is {version}"
             )
             return _error(401, "AttestationError", detail)
         session_id = uuid.uuid4().hex
@@ -266,7 +276,7 @@ class DevKbsCore:
         if session.token is not None:  # Trustee returns the old token without re-verifying
             return self._token_response(session_id, session)
         try:
-            attestation = json.loads(body)
+            attestation: dict[str, Any] = load_json_object(body, "Attestation", error=ValueError)
             runtime = attestation["runtime-data"]
             evidence = attestation["tee-evidence"]
             nonce, pubkey = runtime["nonce"], _typed_pubkey(runtime["tee-pubkey"])
@@ -321,6 +331,9 @@ class DevKbsCore:
             return _error(401, "TokenVerifierError", "Token Verifier error")
         if len(segments) != 3 or not all(_SEGMENT.fullmatch(s) for s in segments):
             return _error(401, "PluginInternalError", "Plugin internal error")
+        fault = self.faults.take("resource", CORE_KINDS)
+        if fault is not None and fault.kind == "deny":
+            return _error(401, "PolicyDeny", "Access denied by policy")
         path = self.resources.joinpath(*segments)
         try:
             data = path.read_bytes() if path.is_file() else None
