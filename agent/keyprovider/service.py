@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from agent.errors import InvalidRequest, NotSupported
+from agent.errors import DecryptionError, InvalidRequest, NotSupported
 from agent.keyprovider import annotation, messages
+from agent.secret import Secret
 
 __all__ = ["GuestKeyProvider"]
 
@@ -39,8 +40,8 @@ class GuestKeyProvider:
         self._fetch = fetch_resource
         self._cache_s = cache_s
         self._clock = clock
-        self._cache: dict[str, tuple[bytes, float]] = {}
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._cache: dict[str, tuple[Secret, float]] = {}
+        self._inflight: dict[str, asyncio.Future[Secret]] = {}
         self.kek_fetches = 0
 
     async def unwrap_key(self, request: bytes) -> bytes:
@@ -51,14 +52,19 @@ class GuestKeyProvider:
             raise NotSupported(msg)
         packet = annotation.parse_packet(parsed.annotation)
         if packet.provider != "kbs":
-            msg = f"annotation packet provider {packet.provider!r} is not supported, expected 'kbs'"
+            msg = f"annotation packet provider {packet.provider[:200]!r} is not supported, expected 'kbs'"
             raise NotSupported(msg)
         kek = await self._kek(packet.kid)
-        optsdata = annotation.unwrap(kek, packet)
+        try:
+            optsdata = annotation.unwrap(kek.reveal(), packet)
+        except DecryptionError:
+            # The caller's packet does not authenticate under the key it names: bad input, not an agent fault.
+            msg = f"annotation packet `wrapped_data` does not authenticate under the key at {packet.kid[:200]}"
+            raise InvalidRequest(msg) from None
         log.info("keyprovider.unwrapped", kid=packet.kid, wrap_type=str(packet.wrap_type))
         return messages.unwrap_reply(optsdata)
 
-    async def _kek(self, kid: str) -> bytes:
+    async def _kek(self, kid: str) -> Secret:
         cached = self._cache.get(kid)
         if cached is not None and self._clock() < cached[1]:
             return cached[0]
@@ -69,12 +75,12 @@ class GuestKeyProvider:
             self._inflight[kid] = future
         return await asyncio.shield(future)
 
-    async def _fetch_kek(self, kid: str) -> bytes:
+    async def _fetch_kek(self, kid: str) -> Secret:
         try:
             self.kek_fetches += 1
-            kek = await self._fetch(kid)
+            kek = Secret(await self._fetch(kid))
             if len(kek) != KEK_BYTES:
-                msg = f"the key-encryption key at {kid} is {len(kek)} bytes, expected {KEK_BYTES}"
+                msg = f"the key-encryption key at {kid[:200]} is {len(kek)} bytes, expected {KEK_BYTES}"
                 raise InvalidRequest(msg)
             if self._cache_s > 0:
                 self._cache[kid] = (kek, self._clock() + self._cache_s)
