@@ -2,32 +2,69 @@
 
 Requests are passed to `Method.invoke` as raw bytes (no generated servicer classes), so gRPC and ttRPC run
 exactly the same code per RPC.
+
+Bounds against hostile local clients (all enforced by gRPC core):
+
+    what                               bound
+    ---------------------------------  ----------------------------------------------------------------
+    message, either way                4 MiB (a larger reply is answered RESOURCE_EXHAUSTED)
+    request headers (metadata)         16 KiB
+    connections                        `MAX_CONNECTIONS`; further ones are refused
+    HTTP/2 preface (handshake)         10 s, then the connection is closed (slowloris)
+    idle connection                    closed (GOAWAY) after 10 s without calls; gRPC clients reconnect
+    calls being handled                64 in all; more are answered RESOURCE_EXHAUSTED at once (a per-
+                                       connection stream limit would refuse a client's opening burst)
+    peer that does not read            keepalive pings every 5 s; no answer within 5 s closes the
+                                       connection with everything it holds
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 
 import grpc
 import grpc.aio
 
-from agent.api.methods import Method
+from agent.api.methods import Method, ReplyLimit
 from agent.api.sockets import prepare_socket_path, remove_socket, secure_socket
 from agent.api.status import RpcError, StatusCode
 from agent.config import ListenAddress
 
-__all__ = ["MAX_MESSAGE_BYTES", "GrpcServer"]
+__all__ = ["MAX_CONNECTIONS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_CONNECTIONS = 64
+_REPLY_LIMIT = ReplyLimit(
+    MAX_MESSAGE_BYTES,
+    lambda size: RpcError(
+        StatusCode.RESOURCE_EXHAUSTED, f"response is {size} bytes, expected at most {MAX_MESSAGE_BYTES}"
+    ),
+)
+_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", 16 * 1024),
+    ("grpc.absolute_max_metadata_size", 16 * 1024),
+    ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 10_000),
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.so_reuseport", 0),
+]
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _handler(method: Method) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def behaviour(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        remaining: float | None = context.time_remaining()  # None without a deadline (typed float)
+        deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            return await method.invoke(request, transport="grpc")
+            return await method.invoke(request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
         except RpcError as exc:
             await context.abort(_GRPC_CODES[int(exc.code)], exc.message)
             raise  # pragma: no cover - abort raises
@@ -43,14 +80,7 @@ class GrpcServer:
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[bytes, bytes]]] = defaultdict(dict)
         for method in methods:
             by_service[method.service][method.name] = _handler(method)
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=256,
-        )
+        self._server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=64)
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in by_service.items()]
         )
