@@ -37,12 +37,13 @@ Bounds against hostile local clients (the reference has none of these; no well-b
     replies waiting to be written          no further request is read or dispatched until they are
                                            (back-pressure), and at most `max_in_flight` run at once
     `max_connections` connections open     a new one waits (unread) up to 10 s for a slot; a connection
-                                           idle for `evict_idle_after_s` (1 s: nothing in flight, nothing
-                                           unwritten, no partial frame) is closed to make room; beyond
-                                           `max_connections` waiting ones, new connections are closed
+                                           whose peer has made no progress for `evict_idle_after_s` (0.5 s:
+                                           idle, a partial frame that stopped, a reply it does not read;
+                                           never one whose handlers are running) is closed to make room;
+                                           beyond `max_connections` waiting ones, new connections are closed
 
 So a hostile connection holds at most one partial frame (≤ 4 MiB) plus `max_in_flight` requests and replies,
-for at most 10 s while it is not served, and idle connections shut nobody out for more than a second.
+for at most 10 s while it is not served, and stalled connections shut nobody out for more than a second.
 
 Example:
 
@@ -165,7 +166,7 @@ class TtrpcServer:
         max_connections: int = 32,
         max_in_flight: int = 4,
         write_timeout_s: float = 10.0,
-        evict_idle_after_s: float = 1.0,
+        evict_idle_after_s: float = 0.5,
         accept_wait_s: float = 10.0,
         on_call: CallHook | None = None,
         on_error: ErrorHook | None = None,
@@ -428,9 +429,16 @@ class _ServerConnection:
 
     @property
     def idle_since(self) -> float | None:
-        """When the connection last did anything, if it is idle now (None while it is doing something)."""
-        busy = self._tasks or not self._at_boundary or self._writer.transport.get_write_buffer_size()
-        return None if busy or self._stopping else self._last_activity
+        """Since when the peer has made no progress, if the server waits for nothing but the peer.
+
+        None while a handler runs for it. Otherwise the last time bytes arrived or a reply was taken: an
+        idle connection, a partial frame that stopped arriving, a reply the peer does not read.
+        """
+        if self._stopping:
+            return None
+        if self._tasks and not self._writer.transport.get_write_buffer_size():
+            return None  # handlers at work: the wait is the agent's, not the peer's
+        return self._last_activity
 
     def evict(self) -> None:
         """Close an idle connection to make room for a new one (its peer sees the end of the stream)."""
@@ -588,26 +596,40 @@ class _ServerConnection:
                 response = _status(StatusCode.INVALID_ARGUMENT, str(exc))
             else:
                 service, method = request.service, request.method
+                del data  # the request holds the payload; the frame's bytes can go
                 response = await self._server.invoke(request)
-            code = await self._send_response(stream_id, response)
+                del request
+            held = [response]
+            del response  # `_send_response` drops it once encoded: nothing else may keep the payload alive
+            code = await self._send_response(stream_id, held)
         finally:
             self._server._report_call(service, method, code, time.monotonic() - started)
 
-    async def _send_response(self, stream_id: int, response: RpcResponse) -> StatusCode:
-        """Frame and write `response`; returns the status code actually sent."""
+    async def _send_response(self, stream_id: int, response: RpcResponse | list[RpcResponse]) -> StatusCode:
+        """Frame and write `response`; returns the status code actually sent.
+
+        Given in a one-element list, the response is taken out of it, so that once encoded the payload is
+        held only by the bytes being written.
+        """
+        with contextlib.suppress(ConnectionError):
+            # Wait for the peer before encoding: a reply waiting here holds its payload, not a second copy.
+            await self._writable()
+        if isinstance(response, list):
+            response = response.pop()
         data = response.to_bytes()
         if len(data) > MAX_DATA:
             self._server._event("ttrpc.response.oversized", stream_id=stream_id, length=len(data))
             response = _status(StatusCode.INVALID_ARGUMENT, _oversize_message(len(data)))
             data = response.to_bytes()
         code = _code_of(response.code)
+        del response  # its payload is in `data` now
+        if self._writer.is_closing():
+            return code
+        header = FrameHeader(length=len(data), stream_id=stream_id, msg_type=MessageType.RESPONSE)
+        self._writer.write(header.to_bytes())
+        self._writer.write(data)  # two writes: no copy of up to 4 MiB to prepend the header
+        del data
         with contextlib.suppress(ConnectionError):
-            await self._writable()  # one reply at a time beyond the high-water mark
-            if self._writer.is_closing():
-                return code
-            header = FrameHeader(length=len(data), stream_id=stream_id, msg_type=MessageType.RESPONSE)
-            self._writer.write(header.to_bytes())
-            self._writer.write(data)  # two writes: no copy of up to 4 MiB to prepend the header
             await self._drain()
         return code
 

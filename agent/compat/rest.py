@@ -9,8 +9,9 @@ call 500; the text is the same). One request per connection (`Connection: close`
 Bounds against hostile local clients: the request head is at most 16 KiB and must arrive within 10 s, a body
 at most 64 KiB; a reply the peer does not take within 10 s is dropped with its connection; at most
 `MAX_CONNECTIONS` connections are served, a further one waits (unread) up to 10 s for a slot and evicts the
-oldest connection that has been waiting 1 s for its request head. So one hostile connection holds at most one
-reply (the 4 MiB ttRPC limit) for 10 s.
+connection that has waited longest (at least 0.5 s) for its peer: to send its request head, or to take its
+reply. So one hostile connection holds at most one reply (the 4 MiB ttRPC limit) for 10 s, and hostile
+connections shut callers out for about a second.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 32
 IO_TIMEOUT_S = 10.0
-EVICT_AFTER_S = 1.0
+EVICT_AFTER_S = 0.5
 FEATURES = ("resource", "attestation", "all")
 _REASONS = {
     200: "OK",
@@ -210,13 +211,15 @@ def _loopback(peer: object) -> bool:
 
 @dataclass(eq=False)
 class _Connection:
+    """`waiting_since`: when the connection began waiting for its peer (the head, or taking the reply);
+    None while the agent works on the request."""
+
     writer: asyncio.StreamWriter
-    opened: float = field(default_factory=time.monotonic)
-    awaiting_head: bool = True
+    waiting_since: float | None = field(default_factory=time.monotonic)
 
 
 class ConnectionLimiter:
-    """At most `limit` connections served; room is made by evicting one that is still silent after `evict_after_s`."""
+    """At most `limit` connections served; room is made by evicting one that has waited `evict_after_s` for its peer."""
 
     def __init__(
         self, limit: int = MAX_CONNECTIONS, *, evict_after_s: float = EVICT_AFTER_S, wait_s: float = IO_TIMEOUT_S
@@ -240,10 +243,10 @@ class ConnectionLimiter:
                 if len(self.active) < self.limit:
                     self.active.add(conn)
                     return True
-                silent = [c for c in self.active if c.awaiting_head]
-                if silent:
-                    oldest = min(silent, key=lambda c: c.opened)
-                    if time.monotonic() - oldest.opened >= self.evict_after_s:
+                stalled = [c for c in self.active if c.waiting_since is not None]
+                if stalled:
+                    oldest = min(stalled, key=lambda c: c.waiting_since or 0.0)
+                    if time.monotonic() - (oldest.waiting_since or 0.0) >= self.evict_after_s:
                         self.active.discard(oldest)
                         oldest.writer.transport.abort()
                         log.info("rest.connection.evicted", connections=len(self.active))
@@ -293,7 +296,7 @@ async def _serve_admitted(
                 reply = _text(400, "BAD REQUEST")
             else:
                 body = await asyncio.wait_for(reader.readexactly(length), timeout=IO_TIMEOUT_S) if length else b""
-                conn.awaiting_head = False
+                conn.waiting_since = None
                 reply = await api.handle(method, target, body)
     except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, TimeoutError):
         reply = _text(400, "BAD REQUEST")
@@ -307,6 +310,7 @@ async def _serve_admitted(
         f"{status_line}Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.body)}\r\n"
         "Connection: close\r\n\r\n"
     )
+    conn.waiting_since = time.monotonic()
     try:
         writer.write(head_out.encode())
         writer.write(reply.body)  # not concatenated: no second copy of a resource
