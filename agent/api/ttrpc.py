@@ -163,7 +163,7 @@ class TtrpcServer:
         handlers: Mapping[str, Mapping[str, UnaryHandler]],
         *,
         declared_but_unimplemented: Mapping[str, Iterable[str]] | None = None,
-        max_connections: int = 32,
+        max_connections: int = 64,
         max_in_flight: int = 4,
         write_timeout_s: float = 10.0,
         evict_idle_after_s: float = 0.5,

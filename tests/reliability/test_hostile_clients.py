@@ -230,7 +230,7 @@ async def test_ttrpc_non_reader_is_dropped_after_the_write_timeout(served: Serve
 
 
 async def test_ttrpc_idle_connections_beyond_the_cap(served: Served) -> None:
-    await attack(served, "ttrpc", "idle", lambda: [unix(served.aa_socket) for _ in range(48)], per_connection_mib=1)
+    await attack(served, "ttrpc", "idle", lambda: [unix(served.aa_socket) for _ in range(80)], per_connection_mib=1)
 
 
 async def test_ttrpc_oversized(served: Served) -> None:
@@ -257,7 +257,7 @@ async def test_ttrpc_slowloris(served: Served) -> None:
     frame = ttrpc_request(1, AA, "GetTeeType")
 
     def open_attackers() -> list[socket.socket]:
-        socks = [unix(served.aa_socket) for _ in range(40)]
+        socks = [unix(served.aa_socket) for _ in range(80)]
         for sock in socks:
             send_some(sock, frame[:3])
         return socks
@@ -342,13 +342,13 @@ async def test_grpc_slowloris_and_half_open(served: Served) -> None:
 
 async def test_rest_non_reading_clients(served: Served) -> None:
     def open_attackers() -> list[socket.socket]:
-        socks = [tcp(served.rest_port) for _ in range(60)]
+        socks = [tcp(served.rest_port) for _ in range(100)]
         for sock in socks:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             send_some(sock, b"GET /cdh/resource/default/big/1 HTTP/1.1\r\nHost: x\r\n\r\n")
         return socks
 
-    # at most 32 served at once, each holding one 3 MiB reply until it is taken or 10 s pass
+    # at most 64 served at once, each holding one 3 MiB reply until it is taken or 10 s pass
     await attack(served, "rest", "non-reading", open_attackers, per_connection_mib=3, keep_s=4)
 
 
@@ -356,7 +356,7 @@ async def test_rest_idle_slowloris_and_half_open(served: Served) -> None:
     head = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n"
 
     def open_attackers() -> list[socket.socket]:
-        socks = [tcp(served.rest_port) for _ in range(60)]
+        socks = [tcp(served.rest_port) for _ in range(100)]
         for index, sock in enumerate(socks):
             if index % 3 == 1:
                 send_some(sock, head[:4])
