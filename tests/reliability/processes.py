@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.devkbs.server import DevKbsServer
+from cvm_tools.devkbs.server import DevKbsServer
+
 from tests.integration.hw_fixtures import HwDaemon
 
 __all__ = ["Sampler", "Served", "client_fds", "fd_count", "rss_mib", "serve_everything"]

@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.api.methods import Method
-from agent.devkbs.server import DevKbsServer
 from agent.errors import AgentError
 from agent.keyprovider import annotation, messages
 from agent.secrets import sealed

@@ -18,13 +18,13 @@ import grpc
 import grpc.aio
 import pytest
 import structlog
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent import log as agent_log
 from agent.api import methods
 from agent.api._gen import keyprovider_pb2 as kp
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc import TtrpcClient
-from agent.devkbs.server import DevKbsServer
 from agent.keyprovider import annotation, messages
 from agent.secret import Secret, describe_exception
 from agent.service import DataHub

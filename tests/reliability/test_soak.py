@@ -24,6 +24,7 @@ import grpc.aio
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cvm_tools import sign
 
 from agent.api._gen import api_pb2
 from agent.api._gen import attestation_agent_pb2 as aa_pb2
@@ -81,12 +82,12 @@ def _calls(served: Served) -> list[tuple[str, str, str, bytes, Callable[[bytes],
 
 def _prepare_sealed_secret(root: Path) -> None:
     """A vault sealed secret for kbs:///default/key/1, signed by a key whose JWK is a KBS resource."""
-    private_pem, public_jwk = sealed.generate_signing_key()
+    private_pem, public_jwk = sign.generate_signing_key()
     (root / "resources" / "default" / "sealing").mkdir(parents=True, exist_ok=True)
     (root / "resources" / "default" / "sealing" / "jwk").write_bytes(public_jwk)
     key = serialization.load_pem_private_key(private_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    secret = sealed.seal(
+    secret = sign.seal(
         sealed.VaultSecret(name="kbs:///default/key/1", provider="kbs"), key, "kbs:///default/sealing/jwk"
     )
     (root / "sealed").write_text(secret)
