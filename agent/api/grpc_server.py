@@ -12,12 +12,12 @@ Bounds against hostile local clients (all enforced by gRPC core):
     connections                        `MAX_CONNECTIONS`; further ones are refused
     HTTP/2 preface (handshake)         10 s, then the connection is closed (slowloris)
     idle connection                    closed (GOAWAY) after 10 s without calls; gRPC clients reconnect
-    calls                              100 streams per connection (a lower limit refuses a client's
-                                       opening burst: streams sent before our SETTINGS arrive);
+    calls                              `MAX_STREAMS` (32) streams per connection (a lower limit refuses
+                                       a client's opening burst: streams sent before our SETTINGS);
                                        `MAX_HANDLERS` handlers at work, a further call waits up to
                                        10 s for one, then is answered RESOURCE_EXHAUSTED
-    peer that does not read            keepalive pings every 2 s; no answer within 3 s closes the
-                                       connection with everything it holds
+    peer that does not read            keepalive pings every 2 s, SETTINGS and pings must be answered
+                                       within 5 s: such a peer is dropped with everything it holds
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ __all__ = ["MAX_CONNECTIONS", "MAX_HANDLERS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_CONNECTIONS = 64
 MAX_HANDLERS = 64
+MAX_STREAMS = 32
+"""Calls open at once on one connection: a peer that never reads holds at most this many replies (≤ 4 MiB
+each) until it is dropped. Lower limits refuse a client's opening burst (streams sent before our SETTINGS)."""
 _REPLY_LIMIT = ReplyLimit(
     MAX_MESSAGE_BYTES,
     lambda size: RpcError(
@@ -55,10 +58,12 @@ _OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
     ("grpc.server_handshake_timeout_ms", 10_000),
     ("grpc.max_connection_idle_ms", 10_000),
-    ("grpc.max_concurrent_streams", 100),
+    ("grpc.max_concurrent_streams", MAX_STREAMS),
     ("grpc.keepalive_time_ms", 2_000),
-    ("grpc.keepalive_timeout_ms", 3_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.settings_timeout", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.so_reuseport", 0),
 ]
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -220,13 +220,30 @@ async def test_ttrpc_non_reading_clients(served: Served) -> None:
     await attack(served, "ttrpc", "non-reading", open_attackers, per_connection_mib=32)
 
 
-async def test_ttrpc_non_reader_is_dropped_after_the_write_timeout(served: Served) -> None:
-    sock = unix(served.cdh_socket)
-    send_some(sock, ttrpc_request(1, "api.GetResourceService", "GetResource", big_resource_request()))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await asyncio.sleep(13)  # 10 s write timeout, plus the resource fetch
-    assert closed_by_peer(sock)
-    sock.close()
+async def test_non_readers_are_dropped_on_every_transport(served: Served) -> None:
+    """A peer that asks for a 3 MiB reply and never reads is let go by the server while it still holds on."""
+    baseline = served.client_fds()
+    socks = {"ttrpc": unix(served.cdh_socket), "grpc": unix(served.grpc_socket), "rest": tcp(served.rest_port)}
+    for sock in socks.values():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = big_resource_request()
+    send_some(socks["ttrpc"], ttrpc_request(1, "api.GetResourceService", "GetResource", request))
+    send_some(socks["grpc"], H2_PREFACE + h2_grpc_call(1, "/api.GetResourceService/GetResource", request))
+    send_some(socks["rest"], b"GET /cdh/resource/default/big/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(1)
+    held = served.client_fds()
+    try:
+        # 10 s write timeout (ttRPC, REST), 5 s SETTINGS/ping timeouts (gRPC), plus fetching the resource
+        for _ in range(200):
+            if served.client_fds() == baseline:
+                break
+            await asyncio.sleep(0.1)
+        released = served.client_fds()
+    finally:
+        for sock in socks.values():
+            sock.close()
+    assert held["daemon"] == baseline["daemon"] + 2  # api-server-rest may already have handed its reply to TCP
+    assert released == baseline
 
 
 async def test_ttrpc_idle_connections_beyond_the_cap(served: Served) -> None:
@@ -298,8 +315,9 @@ async def test_grpc_non_reading_clients(served: Served) -> None:
             send_some(sock, H2_PREFACE + calls)
         return socks
 
-    # per connection: 8 calls of a 3 MiB resource whose replies wait in gRPC core until the keepalive drops it
-    await attack(served, "grpc", "non-reading", open_attackers, per_connection_mib=40)
+    # per connection: 8 calls, each the full cost of serving a 3 MiB resource, whose replies wait in gRPC core
+    # until the peer is dropped (5 s)
+    await attack(served, "grpc", "non-reading", open_attackers, per_connection_mib=64)
 
 
 async def test_grpc_idle_connections(served: Served) -> None:
