@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit gen check-gen bench clean guest-image guest-test
+.PHONY: demo test lint typecheck unit gen check-gen bench fuzz soak clean guest-image guest-test
 
 $(STAMP): pyproject.toml tools/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ guest-test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# 100 000 fuzz examples over every RPC on gRPC, ttRPC and REST and the parsers; prints the count
+fuzz: $(STAMP)
+	FUZZ_SCALE=20 $(PY) -m pytest -q -o timeout=7200 tests/reliability/test_fuzz.py
+
+# 50 concurrent clients x 60 s of mixed calls on both transports against a daemon; prints RSS and fd figures
+soak: $(STAMP)
+	SOAK_SECONDS=60 $(PY) -m pytest -q -s -o timeout=1200 tests/reliability/test_soak.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

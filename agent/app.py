@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -35,6 +34,7 @@ import structlog
 from agent import __version__, sdnotify
 from agent.config import PLAIN_HTTP_RISK, Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
+from agent.files import private_dirs, write_private
 
 if TYPE_CHECKING:
     from agent.api.grpc_server import GrpcServer
@@ -317,7 +317,7 @@ def _ocicrypt_config(cdh_socket: str | None, out_path: str) -> None:
     document = {"key-providers": {"attestation-agent": {"ttrpc": f"unix://{cdh_socket}"}}}
     try:
         target = Path(out_path)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dirs(target.parent)
         target.write_text(json.dumps(document))
     except OSError as exc:
         log.warning("ocicrypt.config_not_written", path=out_path, error=exc.strerror)
@@ -327,18 +327,9 @@ def _ocicrypt_config(cdh_socket: str | None, out_path: str) -> None:
 
 
 def _write_private_file(path: Path, data: bytes) -> None:
-    """A secret file: a 0600 temporary file in the same directory, renamed over the target."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """A secret file: 0700 directories, a 0600 temporary file renamed over the target (agent.files)."""
+    private_dirs(path.parent)
+    write_private(path, data)
 
 
 @contextlib.contextmanager

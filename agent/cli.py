@@ -378,9 +378,9 @@ def _client(args: argparse.Namespace) -> int:
             api_pb2.GetResourceResponse,
         )
         if args.output:
-            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(reply.Resource)
+            from agent.files import write_private
+
+            write_private(args.output, reply.Resource)  # a new 0600 file, whatever was there before
         else:
             sys.stdout.buffer.write(reply.Resource)
             sys.stdout.buffer.flush()

@@ -2,35 +2,109 @@
 
 Requests are passed to `Method.invoke` as raw bytes (no generated servicer classes), so gRPC and ttRPC run
 exactly the same code per RPC.
+
+Bounds against hostile local clients (all enforced by gRPC core):
+
+    what                               bound
+    ---------------------------------  ----------------------------------------------------------------
+    message, either way                4 MiB (a larger reply is answered RESOURCE_EXHAUSTED)
+    request headers (metadata)         16 KiB
+    connections                        `MAX_CONNECTIONS`; further ones are refused
+    HTTP/2 preface (handshake)         10 s, then the connection is closed (slowloris)
+    idle connection                    closed (GOAWAY) after 10 s without calls; gRPC clients reconnect
+    calls                              `MAX_STREAMS` (32) streams per connection (a lower limit refuses
+                                       a client's opening burst: streams sent before our SETTINGS);
+                                       `MAX_HANDLERS` handlers at work, a further call waits up to
+                                       10 s for one, then is answered RESOURCE_EXHAUSTED
+    peer that does not read            keepalive pings every 2 s, SETTINGS and pings must be answered
+                                       within 5 s: such a peer is dropped with everything it holds
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 
 import grpc
 import grpc.aio
 
-from agent.api.methods import Method
+from agent.api.methods import Method, ReplyLimit
 from agent.api.sockets import prepare_socket_path, remove_socket, secure_socket
 from agent.api.status import RpcError, StatusCode
 from agent.config import ListenAddress
 
-__all__ = ["MAX_MESSAGE_BYTES", "GrpcServer"]
+__all__ = ["MAX_CONNECTIONS", "MAX_HANDLERS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_CONNECTIONS = 64
+MAX_HANDLERS = 64
+MAX_STREAMS = 32
+"""Calls open at once on one connection: a peer that never reads holds at most this many replies (≤ 4 MiB
+each) until it is dropped. Lower limits refuse a client's opening burst (streams sent before our SETTINGS)."""
+_REPLY_LIMIT = ReplyLimit(
+    MAX_MESSAGE_BYTES,
+    lambda size: RpcError(
+        StatusCode.RESOURCE_EXHAUSTED, f"response is {size} bytes, expected at most {MAX_MESSAGE_BYTES}"
+    ),
+)
+_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", 16 * 1024),
+    ("grpc.absolute_max_metadata_size", 16 * 1024),
+    ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    ("grpc.max_connection_idle_ms", 10_000),
+    ("grpc.max_concurrent_streams", MAX_STREAMS),
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.settings_timeout", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.so_reuseport", 0),
+]
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def _handler(method: Method) -> grpc.RpcMethodHandler[bytes, bytes]:
+class _Handlers:
+    """At most `limit` handlers at work; a call waits up to `wait_s` for one, then is RESOURCE_EXHAUSTED.
+
+    grpc.aio's own `maximum_concurrent_rpcs` also counts calls whose reply waits for the peer, and refuses
+    at once: peers that never read would hold every slot and shut others out until the keepalive drops them.
+    """
+
+    def __init__(self, limit: int, wait_s: float = 10.0) -> None:
+        self.limit = limit
+        self.wait_s = wait_s
+        self._slots: asyncio.Semaphore | None = None
+
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:  # created on the server's loop
+            self._slots = asyncio.Semaphore(self.limit)
+        return self._slots
+
+
+def _handler(method: Method, handlers: _Handlers) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def behaviour(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        remaining: float | None = context.time_remaining()  # None without a deadline (typed float)
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        slots = handlers.slots()
         try:
-            return await method.invoke(request, transport="grpc")
+            async with asyncio.timeout(handlers.wait_s):
+                await slots.acquire()
+        except TimeoutError:
+            text = f"more than {handlers.limit} calls in progress for {handlers.wait_s:g} s"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+        try:
+            return await method.invoke(request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
         except RpcError as exc:
             await context.abort(_GRPC_CODES[int(exc.code)], exc.message)
             raise  # pragma: no cover - abort raises
+        finally:
+            slots.release()
 
     return grpc.unary_unary_rpc_method_handler(behaviour)
 
@@ -41,16 +115,10 @@ class GrpcServer:
     def __init__(self, methods: Iterable[Method], addresses: Iterable[ListenAddress]) -> None:
         self._addresses = list(addresses)
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[bytes, bytes]]] = defaultdict(dict)
+        handlers = _Handlers(MAX_HANDLERS)
         for method in methods:
-            by_service[method.service][method.name] = _handler(method)
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=256,
-        )
+            by_service[method.service][method.name] = _handler(method, handlers)
+        self._server = grpc.aio.server(options=_OPTIONS)
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in by_service.items()]
         )

@@ -6,6 +6,7 @@ move bytes: gRPC (`agent.api.grpc_server`) and ttRPC call `Method.invoke(request
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,16 +27,22 @@ from agent.api.names import (
     SECURE_MOUNT_SERVICE,
 )
 from agent.api.status import RpcError, StatusCode
+from agent.secret import MAX_MESSAGE_CHARS, clip
 from agent.service import AttestationAgent, DataHub
 
 __all__ = [
+    "MAX_ERROR_CHARS",
     "Method",
+    "ReplyLimit",
     "build_methods",
     "keyprovider_methods",
     "status_for",
 ]
 
 log = structlog.get_logger("agent.rpc")
+
+MAX_ERROR_CHARS = 2 * MAX_MESSAGE_CHARS
+"""An error reply's message is cut here; messages quote at most `MAX_MESSAGE_CHARS` of caller input."""
 
 
 def status_for(error: errors.AgentError) -> StatusCode:
@@ -59,33 +66,73 @@ class Method:
     def path(self) -> str:
         return f"/{self.service}/{self.name}"
 
-    async def invoke(self, request_bytes: bytes, *, transport: str) -> bytes:
-        """Decode, run, encode; every failure becomes an `RpcError` with a caller-safe message."""
+    async def invoke(
+        self,
+        request_bytes: bytes,
+        *,
+        transport: str,
+        deadline: float | None = None,
+        reply_limit: ReplyLimit | None = None,
+    ) -> bytes:
+        """Decode, run, encode; every failure becomes an `RpcError` with a caller-safe message.
+
+        Logs exactly one line per call with the status the caller gets: `rpc` (OK or an expected error) or
+        `rpc.crash` (an agent bug: type, safe message and positions only). `deadline` (`time.monotonic()`) tells
+        a cancellation by the caller's deadline (DEADLINE_EXCEEDED) from any other (CANCELLED); `reply_limit`
+        is the transport's largest reply and the error it answers for a larger one.
+        """
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc=self.path, request_id=uuid.uuid4().hex[:12], transport=transport)
         started = time.monotonic()
         code = StatusCode.OK
+        fields: dict[str, object] = {}
+        crash: BaseException | None = None
         try:
             try:
                 request = self.request_type.FromString(request_bytes)
-            except DecodeError as exc:
-                code = StatusCode.INVALID_ARGUMENT
+            except (DecodeError, RecursionError) as exc:
                 msg = f"request is not a valid {self.request_type.DESCRIPTOR.full_name}"
-                raise RpcError(code, msg) from exc
+                raise RpcError(StatusCode.INVALID_ARGUMENT, msg) from exc
             try:
                 response = await self.handler(request)
             except errors.AgentError as exc:
-                code = status_for(exc)
-                log.warning("rpc.error", error=type(exc).__name__, message=str(exc))
-                raise RpcError(code, str(exc)) from exc
+                fields["error"] = type(exc).__name__
+                raise RpcError(status_for(exc), clip(str(exc), MAX_ERROR_CHARS)) from exc
+            except (RpcError, asyncio.CancelledError):
+                raise
             except Exception as exc:
-                code = StatusCode.INTERNAL
-                log.exception("rpc.crash")
-                raise RpcError(code, f"internal error in {self.name}") from exc
-            return response.SerializeToString()
+                crash = exc
+                raise RpcError(StatusCode.INTERNAL, f"internal error in {self.name}") from exc
+            reply = response.SerializeToString()
+            if reply_limit is not None and len(reply) > reply_limit.max_bytes:
+                raise reply_limit.error(len(reply))
+        except RpcError as exc:
+            code = exc.code
+            fields.setdefault("message", exc.message)
+            raise
+        except asyncio.CancelledError:
+            late = deadline is not None and time.monotonic() >= deadline
+            code = StatusCode.DEADLINE_EXCEEDED if late else StatusCode.CANCELLED
+            raise
+        else:
+            return reply
         finally:
-            log.info("rpc", code=code.name, duration_ms=round((time.monotonic() - started) * 1000, 2))
+            duration_ms = round((time.monotonic() - started) * 1000, 2)
+            if crash is not None:
+                log.error("rpc.crash", code=code.name, duration_ms=duration_ms, exc_info=crash)
+            elif code is StatusCode.OK:
+                log.info("rpc", code=code.name, duration_ms=duration_ms)
+            else:
+                log.warning("rpc", code=code.name, duration_ms=duration_ms, **fields)
             structlog.contextvars.clear_contextvars()
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyLimit:
+    """A transport's largest reply, and the `RpcError` it answers instead of a larger one (given its size)."""
+
+    max_bytes: int
+    error: Callable[[int], RpcError]
 
 
 def _aa_methods(aa: AttestationAgent) -> list[Method]:

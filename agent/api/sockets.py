@@ -12,11 +12,12 @@ import stat
 from pathlib import Path
 
 from agent.errors import ConfigError
+from agent.files import DIR_MODE, private_dirs
 
 __all__ = ["prepare_socket_path", "remove_socket", "secure_socket"]
 
 SOCKET_MODE = 0o600
-DIRECTORY_MODE = 0o700
+DIRECTORY_MODE = DIR_MODE
 
 
 def prepare_socket_path(path: str) -> None:
@@ -26,10 +27,7 @@ def prepare_socket_path(path: str) -> None:
     A path that exists but is not a socket is never deleted.
     """
     target = Path(path)
-    parent = target.parent
-    if not parent.exists():
-        parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
-        parent.chmod(DIRECTORY_MODE)
+    private_dirs(target.parent)
     try:
         info = target.lstat()
     except FileNotFoundError:

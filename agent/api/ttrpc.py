@@ -11,7 +11,8 @@ last two:
     input from a client                    answer
     -------------------------------------  -----------------------------------------------------------
     request that does not decode           INVALID_ARGUMENT "request does not decode as ttrpc.Request"
-    unknown service                        INVALID_ARGUMENT "<service> service does not exist"
+    unknown service                        INVALID_ARGUMENT "<service> service does not exist" (name cut
+                                           to 200 characters, as every quote of caller input)
     known service, unknown method          UNIMPLEMENTED "<method> method"
     declared but not implemented           NOT_FOUND "/<service>/<method> is not supported"
     handler raises RpcError                its code and message
@@ -27,6 +28,23 @@ last two:
     end of input inside a frame            connection closed, requests in flight cancelled
     end of input, socket error             connection closed, requests in flight cancelled
 
+Bounds against hostile local clients (the reference has none of these; no well-behaved caller meets them):
+
+    a frame not complete 10 s after its    connection closed (slowloris)
+    first byte
+    a reply not taken by the peer within   connection closed, requests in flight cancelled (a peer that
+    10 s (`write_timeout_s`)               sends and never reads)
+    replies waiting to be written          no further request is read or dispatched until they are
+                                           (back-pressure), and at most `max_in_flight` run at once
+    `max_connections` connections open     a new one waits (unread) up to 10 s for a slot; a connection
+                                           whose peer has made no progress for `evict_idle_after_s` (0.5 s:
+                                           idle, a partial frame that stopped, a reply it does not read;
+                                           never one whose handlers are running) is closed to make room;
+                                           beyond `max_connections` waiting ones, new connections are closed
+
+So a hostile connection holds at most one partial frame (≤ 4 MiB) plus `max_in_flight` requests and replies,
+for at most 10 s while it is not served, and stalled connections shut nobody out for more than a second.
+
 Example:
 
     server = TtrpcServer({"attestation_agent.AttestationAgentService": {"GetTeeType": get_tee_type}})
@@ -40,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import os
 import socket
@@ -57,6 +76,7 @@ from agent.api.ttrpc_frame import (
     MAX_STREAM_ID,
     Frame,
     FrameDecoder,
+    FrameHeader,
     FrameTooLargeError,
     MalformedMessageError,
     MessageType,
@@ -67,6 +87,7 @@ from agent.api.ttrpc_frame import (
 )
 
 __all__ = [
+    "REQUEST_DEADLINE",
     "CallHook",
     "ErrorHook",
     "EventHook",
@@ -90,8 +111,17 @@ EventHook = Callable[[str, Mapping[str, object]], None]
 """`on_event(event, fields)` for connection-level events (refused connection, protocol violations)."""
 
 UNKNOWN_ERROR_MESSAGE: Final = "internal error"
+REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("ttrpc_deadline", default=None)
+"""The `time.monotonic()` deadline of the request a handler is serving (None: the caller set none)."""
 _READ_CHUNK: Final = 64 * 1024
 _LISTEN_BACKLOG: Final = 64
+_QUOTE_LIMIT: Final = 200
+_WRITE_HIGH_WATER: Final = 64 * 1024
+_SLOT_POLL_S: Final = 0.1
+
+
+def _quoted(name: str) -> str:
+    return name if len(name) <= _QUOTE_LIMIT else f"{name[:_QUOTE_LIMIT]}…"
 
 
 class _State(enum.Enum):
@@ -113,9 +143,14 @@ class TtrpcServer:
             name → handler.
         declared_but_unimplemented: service → methods that exist in the proto but are not served; they are
             answered with NOT_FOUND as the reference's generated default does.
-        max_connections: connections served at once; further ones are accepted and closed at once.
+        max_connections: connections served at once; a further one waits for a slot (see the module
+            docstring), evicting the connection idle longest once it has been idle `evict_idle_after_s`.
         max_in_flight: requests handled at once per connection; past that the server stops reading from
             that connection until one finishes (back-pressure, no error).
+        write_timeout_s: how long a reply may wait for the peer to read it before the connection is closed;
+            also the time a frame may take to arrive once its first byte has.
+        evict_idle_after_s: how long a connection must have been idle before it may be closed for a new one.
+        accept_wait_s: how long a new connection waits for a slot before it is closed.
         on_call, on_error, on_event: optional hooks (see `CallHook`, `ErrorHook`, `EventHook`). They must
             not block; an exception they raise is suppressed.
 
@@ -128,8 +163,11 @@ class TtrpcServer:
         handlers: Mapping[str, Mapping[str, UnaryHandler]],
         *,
         declared_but_unimplemented: Mapping[str, Iterable[str]] | None = None,
-        max_connections: int = 32,
-        max_in_flight: int = 16,
+        max_connections: int = 64,
+        max_in_flight: int = 4,
+        write_timeout_s: float = 10.0,
+        evict_idle_after_s: float = 0.5,
+        accept_wait_s: float = 10.0,
         on_call: CallHook | None = None,
         on_error: ErrorHook | None = None,
         on_event: EventHook | None = None,
@@ -151,6 +189,10 @@ class TtrpcServer:
                 raise ValueError(msg)
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
+        self.write_timeout_s = write_timeout_s
+        self.evict_idle_after_s = evict_idle_after_s
+        self.accept_wait_s = accept_wait_s
+        self._waiting = 0
         self._on_call = on_call
         self._on_error = on_error
         self._on_event = on_event
@@ -165,6 +207,11 @@ class TtrpcServer:
     def path(self) -> str | None:
         """The socket path once started."""
         return self._path
+
+    @property
+    def serving(self) -> bool:
+        """True between `start()` and `close()`."""
+        return self._state is _State.SERVING
 
     @property
     def connection_count(self) -> int:
@@ -240,11 +287,9 @@ class TtrpcServer:
                 Path(self._path).unlink()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._state is not _State.SERVING or len(self._connections) >= self.max_connections:
-            self._event("ttrpc.connection.refused", connections=len(self._connections))
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        if not await self._slot():
+            self._event("ttrpc.connection.refused", connections=len(self._connections), waiting=self._waiting)
+            writer.transport.abort()
             return
         conn = _ServerConnection(self, reader, writer)
         self._connections.add(conn)
@@ -253,12 +298,43 @@ class TtrpcServer:
         finally:
             self._connections.discard(conn)
 
+    async def _slot(self) -> bool:
+        """Wait for room for one more connection; False if there is none within `accept_wait_s`."""
+        if self._state is not _State.SERVING:
+            return False
+        if len(self._connections) < self.max_connections:
+            return True
+        if self._waiting >= self.max_connections:
+            return False
+        self._waiting += 1
+        try:
+            deadline = time.monotonic() + self.accept_wait_s
+            while self.serving:
+                if len(self._connections) < self.max_connections:
+                    return True
+                idle = [c for c in self._connections if c.idle_since is not None]
+                if idle:
+                    oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+                    if time.monotonic() - (oldest.idle_since or 0.0) >= self.evict_idle_after_s:
+                        self._event("ttrpc.connection.evicted", connections=len(self._connections))
+                        self._connections.discard(oldest)
+                        oldest.evict()
+                        return True
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(_SLOT_POLL_S)
+            return False
+        finally:
+            self._waiting -= 1
+
     async def invoke(self, request: RpcRequest) -> RpcResponse:
         """Route one decoded request to its handler and build the response (no framing)."""
         handler = self._route(request.service, request.method)
         if isinstance(handler, RpcResponse):
             return handler
-        deadline = asyncio.timeout(request.timeout_nano / 1e9 if request.timeout_nano > 0 else None)
+        seconds = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
+        deadline = asyncio.timeout(seconds)
+        REQUEST_DEADLINE.set(time.monotonic() + seconds if seconds is not None else None)
         try:
             async with deadline:
                 payload = await handler(request.payload)
@@ -276,13 +352,13 @@ class TtrpcServer:
         methods = self._handlers.get(service)
         declared = self._declared.get(service)
         if methods is None and declared is None:
-            return _status(StatusCode.INVALID_ARGUMENT, f"{service} service does not exist")
+            return _status(StatusCode.INVALID_ARGUMENT, f"{_quoted(service)} service does not exist")
         handler = methods.get(method) if methods is not None else None
         if handler is not None:
             return handler
         if declared is not None and method in declared:
             return _status(StatusCode.NOT_FOUND, f"/{service}/{method} is not supported")
-        return _status(StatusCode.UNIMPLEMENTED, f"{method} method")
+        return _status(StatusCode.UNIMPLEMENTED, f"{_quoted(method)} method")
 
     def _report_error(self, service: str, method: str, exc: Exception) -> None:
         if self._on_error is not None:
@@ -345,9 +421,28 @@ class _ServerConnection:
         self._reading = True
         self._shutdown_started = False
         self._shutdown_done = asyncio.Event()
+        self._at_boundary = True
+        self._last_activity = time.monotonic()
 
     def handler_tasks(self) -> list[asyncio.Task[None]]:
         return list(self._tasks.values())
+
+    @property
+    def idle_since(self) -> float | None:
+        """Since when the peer has made no progress, if the server waits for nothing but the peer.
+
+        None while a handler runs for it. Otherwise the last time bytes arrived or a reply was taken: an
+        idle connection, a partial frame that stopped arriving, a reply the peer does not read.
+        """
+        if self._stopping:
+            return None
+        if self._tasks and not self._writer.transport.get_write_buffer_size():
+            return None  # handlers at work: the wait is the agent's, not the peer's
+        return self._last_activity
+
+    def evict(self) -> None:
+        """Close an idle connection to make room for a new one (its peer sees the end of the stream)."""
+        self._writer.transport.abort()
 
     def stop_reading(self) -> None:
         """Stop reading frames; in-flight requests keep running until `shutdown()`."""
@@ -396,13 +491,26 @@ class _ServerConnection:
 
     async def _read_loop(self) -> None:
         decoder = FrameDecoder()
+        frame_started: float | None = None
         while True:
-            data = await self._reader.read(_READ_CHUNK)
+            await self._writable()  # back-pressure: no more requests while replies wait for the peer
+            if frame_started is None:
+                data = await self._reader.read(_READ_CHUNK)
+            else:
+                left = frame_started + self._server.write_timeout_s - time.monotonic()
+                try:
+                    async with asyncio.timeout(max(left, 0.0)):
+                        data = await self._reader.read(_READ_CHUNK)
+                except TimeoutError:
+                    self._server._event("ttrpc.frame.timeout", buffered=decoder.buffered)
+                    return
             if not data:
                 if not decoder.at_boundary:
                     self._server._event("ttrpc.frame.truncated", buffered=decoder.buffered)
                 return
+            self._last_activity = time.monotonic()
             decoder.feed(data)
+            completed = False
             while True:
                 try:
                     frame = decoder.next_frame()
@@ -418,10 +526,35 @@ class _ServerConnection:
                     self._server._event(
                         "ttrpc.frame.ignored", stream_id=exc.header.stream_id, msg_type=exc.header.msg_type
                     )
+                    completed = True
                     continue
                 if frame is None:
                     break
+                completed = True
                 await self._dispatch(frame)
+            self._at_boundary = decoder.at_boundary
+            if self._at_boundary:
+                frame_started = None
+            elif completed or frame_started is None:
+                frame_started = time.monotonic()
+
+    async def _writable(self) -> None:
+        """Return once the replies not yet taken by the peer are below the high-water mark."""
+        if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait for the peer to take what was written; close the connection if it does not in time."""
+        try:
+            async with asyncio.timeout(self._server.write_timeout_s):
+                await self._writer.drain()
+        except TimeoutError:
+            self._server._event(
+                "ttrpc.connection.write_timeout", unwritten=self._writer.transport.get_write_buffer_size()
+            )
+            self._writer.transport.abort()
+            raise ConnectionResetError from None
+        self._last_activity = time.monotonic()
 
     async def _dispatch(self, frame: Frame) -> None:
         stream_id = frame.stream_id
@@ -438,6 +571,7 @@ class _ServerConnection:
             await self._reject(stream_id, "StreamID cannot be re-used and must increment")
             return
         self._last_stream_id = stream_id
+        await self._writable()
         await self._slots.acquire()
         task = asyncio.create_task(self._serve(stream_id, frame.data))
         self._tasks[stream_id] = task
@@ -462,24 +596,42 @@ class _ServerConnection:
                 response = _status(StatusCode.INVALID_ARGUMENT, str(exc))
             else:
                 service, method = request.service, request.method
+                del data  # the request holds the payload; the frame's bytes can go
                 response = await self._server.invoke(request)
-            code = await self._send_response(stream_id, response)
+                del request
+            held = [response]
+            del response  # `_send_response` drops it once encoded: nothing else may keep the payload alive
+            code = await self._send_response(stream_id, held)
         finally:
             self._server._report_call(service, method, code, time.monotonic() - started)
 
-    async def _send_response(self, stream_id: int, response: RpcResponse) -> StatusCode:
-        """Frame and write `response`; returns the status code actually sent."""
+    async def _send_response(self, stream_id: int, response: RpcResponse | list[RpcResponse]) -> StatusCode:
+        """Frame and write `response`; returns the status code actually sent.
+
+        Given in a one-element list, the response is taken out of it, so that once encoded the payload is
+        held only by the bytes being written.
+        """
+        with contextlib.suppress(ConnectionError):
+            # Wait for the peer before encoding: a reply waiting here holds its payload, not a second copy.
+            await self._writable()
+        if isinstance(response, list):
+            response = response.pop()
         data = response.to_bytes()
         if len(data) > MAX_DATA:
             self._server._event("ttrpc.response.oversized", stream_id=stream_id, length=len(data))
             response = _status(StatusCode.INVALID_ARGUMENT, _oversize_message(len(data)))
             data = response.to_bytes()
+        code = _code_of(response.code)
+        del response  # its payload is in `data` now
         if self._writer.is_closing():
-            return _code_of(response.code)
-        self._writer.write(encode_frame(stream_id, MessageType.RESPONSE, data))
+            return code
+        header = FrameHeader(length=len(data), stream_id=stream_id, msg_type=MessageType.RESPONSE)
+        self._writer.write(header.to_bytes())
+        self._writer.write(data)  # two writes: no copy of up to 4 MiB to prepend the header
+        del data
         with contextlib.suppress(ConnectionError):
-            await self._writer.drain()
-        return _code_of(response.code)
+            await self._drain()
+        return code
 
 
 class _ConnectionClosedError(Exception):

@@ -12,17 +12,46 @@ from collections.abc import Iterable, Mapping
 
 import structlog
 
-from agent.api.methods import Method
-from agent.api.ttrpc import TtrpcServer, UnaryHandler
+from agent.api.methods import Method, ReplyLimit
+from agent.api.status import RpcError, StatusCode
+from agent.api.ttrpc import REQUEST_DEADLINE, TtrpcServer, UnaryHandler
+from agent.api.ttrpc_frame import MAX_DATA
+from agent.secret import clip
 
 __all__ = ["build_ttrpc_server"]
 
 log = structlog.get_logger("agent.ttrpc")
 
 
+def _response_size(payload_size: int) -> int:
+    """Bytes of a `ttrpc.Response` with an OK status (2 bytes) and a payload of `payload_size` bytes."""
+    return 2 + 1 + len(_varint(payload_size)) + payload_size
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+_MAX_PAYLOAD = next(size for size in range(MAX_DATA, MAX_DATA - 16, -1) if _response_size(size) <= MAX_DATA)
+# ttrpc-rust answers a reply over the frame limit with this status and text; the log line says the same
+_REPLY_LIMIT = ReplyLimit(
+    _MAX_PAYLOAD,
+    lambda size: RpcError(
+        StatusCode.INVALID_ARGUMENT,
+        f"message length {_response_size(size)} exceed maximum message size of {MAX_DATA}",
+    ),
+)
+
+
 def _handler(method: Method) -> UnaryHandler:
     async def handle(payload: bytes) -> bytes:
-        return await method.invoke(payload, transport="ttrpc")
+        deadline = REQUEST_DEADLINE.get()
+        return await method.invoke(payload, transport="ttrpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
 
     return handle
 
@@ -34,12 +63,29 @@ def build_ttrpc_server(
     for method in methods:
         handlers[method.service][method.name] = _handler(method)
 
+    def on_call(service: str, method: str, code: StatusCode, duration_s: float) -> None:
+        # Calls that reached a Method were logged by it; this is the one line for those that did not
+        # (undecodable request, unknown service or method, declared but not served).
+        if method in handlers.get(service, {}):
+            return
+        log.warning(
+            "rpc",
+            rpc=clip(f"/{service}/{method}"),
+            transport="ttrpc",
+            code=code.name,
+            duration_ms=round(duration_s * 1000, 2),
+        )
+
     def on_event(event: str, fields: Mapping[str, object]) -> None:
-        log.info(f"ttrpc.{event}", **{k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)})
+        log.info(event, **{k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)})
 
     def on_error(service: str, method: str, exc: BaseException) -> None:
         log.error("ttrpc.handler_crash", rpc=f"/{service}/{method}", error=type(exc).__name__)
 
     return TtrpcServer(
-        handlers, declared_but_unimplemented=declared_but_unimplemented, on_event=on_event, on_error=on_error
+        handlers,
+        declared_but_unimplemented=declared_but_unimplemented,
+        on_call=on_call,
+        on_event=on_event,
+        on_error=on_error,
     )

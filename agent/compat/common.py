@@ -86,6 +86,11 @@ def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except OSError as exc:
         print(f"{prog}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # an agent bug: one line without values, never a traceback
+        if not structlog.is_configured():
+            agent_log.configure("error")
+        agent_log.log_crash(f"{prog}.crash", exc)
+        return 1
 
 
 async def wait_for_stop() -> None:

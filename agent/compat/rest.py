@@ -3,7 +3,15 @@
     api-server-rest [-b 127.0.0.1:8006] [-f resource|attestation|all] [-a unix:///...aa.sock] [-c unix:///...cdh.sock]
 
 Endpoints, status codes and bodies follow guest-api.md §10. Requests from peers that are not on loopback get 403.
-One request per connection (`Connection: close`); request heads and bodies are bounded.
+A call the agent answers INVALID_ARGUMENT is a 400 with the agent's message (the reference answers every failed
+call 500; the text is the same). One request per connection (`Connection: close`).
+
+Bounds against hostile local clients: the request head is at most 16 KiB and must arrive within 10 s, a body
+at most 64 KiB; a reply the peer does not take within 10 s is dropped with its connection; at most
+`MAX_CONNECTIONS` connections are served, a further one waits (unread) up to 10 s for a slot and evicts the
+connection that has waited longest (at least 0.5 s) for its peer: to send its request head, or to take its
+reply. So one hostile connection holds at most one reply (the 4 MiB ttRPC limit) for 10 s, and hostile
+connections shut callers out for about a second.
 """
 
 from __future__ import annotations
@@ -12,8 +20,9 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -21,14 +30,16 @@ import structlog
 
 from agent import __version__
 from agent.api.names import AA_SERVICE, RESOURCE_SERVICE
-from agent.api.status import RpcError
+from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc import TtrpcClient
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
 from agent.errors import ConfigError, InvalidRequest
+from agent.log import log_crash
+from agent.secret import clip
 from agent.strictjson import b64url_decode, load_json_object
 
-__all__ = ["RestApi", "main"]
+__all__ = ["ConnectionLimiter", "RestApi", "main"]
 
 log = structlog.get_logger("agent.rest")
 
@@ -37,6 +48,9 @@ CDH_RESOURCE = RESOURCE_SERVICE
 TIMEOUT_S = 50.0
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
+MAX_CONNECTIONS = 64
+IO_TIMEOUT_S = 10.0
+EVICT_AFTER_S = 0.5
 FEATURES = ("resource", "attestation", "all")
 _REASONS = {
     200: "OK",
@@ -90,7 +104,7 @@ class RestApi:
                     return _text(404, "Resource Feature Not Enabled")
                 return await self._cdh_route(method, path)
         except RpcError as exc:
-            return _text(500, exc.message)
+            return _text(400 if exc.code is StatusCode.INVALID_ARGUMENT else 500, clip(exc.message, 400))
         return _text(404, "URL NOT FOUND")
 
     async def _only_get(self, method: str) -> Reply | None:
@@ -192,14 +206,85 @@ def _loopback(peer: object) -> bool:
         return False
 
 
-async def _serve_connection(api: RestApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+@dataclass(eq=False)
+class _Connection:
+    """`waiting_since`: when the connection began waiting for its peer (the head, or taking the reply);
+    None while the agent works on the request."""
+
+    writer: asyncio.StreamWriter
+    waiting_since: float | None = field(default_factory=time.monotonic)
+
+
+class ConnectionLimiter:
+    """At most `limit` connections served; room is made by evicting one that has waited `evict_after_s` for its peer."""
+
+    def __init__(
+        self, limit: int = MAX_CONNECTIONS, *, evict_after_s: float = EVICT_AFTER_S, wait_s: float = IO_TIMEOUT_S
+    ) -> None:
+        self.limit = limit
+        self.evict_after_s = evict_after_s
+        self.wait_s = wait_s
+        self.active: set[_Connection] = set()
+        self.waiting = 0
+
+    async def admit(self, conn: _Connection) -> bool:
+        if len(self.active) < self.limit:
+            self.active.add(conn)
+            return True
+        if self.waiting >= self.limit:
+            return False
+        self.waiting += 1
+        try:
+            deadline = time.monotonic() + self.wait_s
+            while True:
+                if len(self.active) < self.limit:
+                    self.active.add(conn)
+                    return True
+                stalled = [c for c in self.active if c.waiting_since is not None]
+                if stalled:
+                    oldest = min(stalled, key=lambda c: c.waiting_since or 0.0)
+                    if time.monotonic() - (oldest.waiting_since or 0.0) >= self.evict_after_s:
+                        self.active.discard(oldest)
+                        oldest.writer.transport.abort()
+                        log.info("rest.connection.evicted", connections=len(self.active))
+                        self.active.add(conn)
+                        return True
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.1)
+        finally:
+            self.waiting -= 1
+
+    def release(self, conn: _Connection) -> None:
+        self.active.discard(conn)
+
+
+async def _serve_connection(
+    api: RestApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limiter: ConnectionLimiter | None = None
+) -> None:
+    conn = _Connection(writer)
+    if limiter is not None and not await limiter.admit(conn):
+        log.warning("rest.connection.refused", connections=len(limiter.active))
+        writer.transport.abort()
+        return
+    try:
+        await _serve_admitted(api, reader, writer, conn)
+    finally:
+        if limiter is not None:
+            limiter.release(conn)
+        writer.close()
+
+
+async def _serve_admitted(
+    api: RestApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Connection
+) -> None:
     reply: Reply
     method = target = "-"
     try:
         if not _loopback(writer.get_extra_info("peername")):
             reply = _text(403, "Forbidden")
         else:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=IO_TIMEOUT_S)
             lines = head.decode("latin-1").split("\r\n")
             method, target, _version = lines[0].split(" ", 2)
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
@@ -207,23 +292,38 @@ async def _serve_connection(api: RestApi, reader: asyncio.StreamReader, writer: 
             if not 0 <= length <= MAX_BODY:
                 reply = _text(400, "BAD REQUEST")
             else:
-                body = await asyncio.wait_for(reader.readexactly(length), timeout=10) if length else b""
+                body = await asyncio.wait_for(reader.readexactly(length), timeout=IO_TIMEOUT_S) if length else b""
+                conn.waiting_since = None
                 reply = await api.handle(method, target, body)
     except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError, TimeoutError):
         reply = _text(400, "BAD REQUEST")
+    except ConnectionError:
+        return
+    except Exception as exc:  # an agent bug: one safe line, a generic answer
+        log_crash("rest.crash", exc, method=method, path=_path_of(target))
+        reply = _text(500, "internal error")
     status_line = f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Error')}\r\n"
     head_out = (
         f"{status_line}Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.body)}\r\n"
         "Connection: close\r\n\r\n"
     )
+    conn.waiting_since = time.monotonic()
     try:
-        writer.write(head_out.encode() + reply.body)
-        await writer.drain()
+        writer.write(head_out.encode())
+        writer.write(reply.body)  # not concatenated: no second copy of a resource
+        async with asyncio.timeout(IO_TIMEOUT_S):
+            await writer.drain()
+    except TimeoutError:
+        writer.transport.abort()  # a peer that does not read its reply
+        log.warning("rest.write_timeout", method=method, path=_path_of(target), status=reply.status)
+        return
     except OSError:
         pass
-    finally:
-        writer.close()
-    log.info("rest.request", method=method, path=urlsplit(target).path if target != "-" else "-", status=reply.status)
+    log.info("rest.request", method=method, path=_path_of(target), status=reply.status)
+
+
+def _path_of(target: str) -> str:
+    return clip(target.partition("?")[0])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,8 +346,9 @@ async def run(args: argparse.Namespace) -> int:
     aa = TtrpcClient(unix_path(args.aa_addr, key="--aa_addr"))
     cdh = TtrpcClient(unix_path(args.cdh_addr, key="--cdh_addr"))
     api = RestApi(features=args.features, aa_client=aa, cdh_client=cdh)
+    limiter = ConnectionLimiter()
     server = await asyncio.start_server(
-        lambda r, w: _serve_connection(api, r, w), host.strip("[]"), int(port), limit=MAX_HEAD
+        lambda r, w: _serve_connection(api, r, w, limiter), host.strip("[]"), int(port), limit=MAX_HEAD
     )
     log.info("rest.listening", bind=args.bind, features=args.features)
     try:

@@ -213,6 +213,9 @@ def wrap(
     except InvalidResourceUri as exc:
         msg = "`kid` is not a resource URI, expected `kbs:///<repo>/<type>/<tag>`."
         raise InvalidRequest(msg) from exc
+    if not optsdata:
+        msg = "`optsdata` is empty, expected the layer options to wrap."
+        raise InvalidRequest(msg)
     if len(optsdata) > MAX_OPTSDATA_SIZE:
         msg = f"`optsdata` is {len(optsdata):#x} bytes, expected at most {MAX_OPTSDATA_SIZE:#x}."
         raise InvalidRequest(msg)
@@ -246,11 +249,16 @@ def unwrap(kek: bytes, packet: AnnotationPacket) -> bytes:
         raise ValueError(msg)
     if kind is WrapType.A256GCM:
         try:
-            return AESGCM(kek).decrypt(iv, packet.wrapped_data, None)
+            optsdata = AESGCM(kek).decrypt(iv, packet.wrapped_data, None)
         except InvalidTag:
             raise DecryptionError from None
-    decryptor = Cipher(algorithms.AES(kek), modes.CTR(iv)).decryptor()
-    return decryptor.update(packet.wrapped_data) + decryptor.finalize()
+    else:
+        decryptor = Cipher(algorithms.AES(kek), modes.CTR(iv)).decryptor()
+        optsdata = decryptor.update(packet.wrapped_data) + decryptor.finalize()
+    if not optsdata:  # pragma: no cover - excluded by the `wrapped_data` length rule of AnnotationPacket
+        msg = "annotation packet `wrapped_data` decrypts to nothing, expected layer options."
+        raise InvalidRequest(msg)
+    return optsdata
 
 
 # --- validation helpers ---------------------------------------------------------------------------------
@@ -272,11 +280,12 @@ def _check_kbs_fields(iv: bytes | None, wrap_type: WrapType | None, wrapped_data
     if len(iv) != wrap_type.iv_size:
         msg = f"annotation packet `iv` is {len(iv)} bytes, expected {wrap_type.iv_size} for {wrap_type}."
         raise InvalidRequest(msg)
-    if wrap_type is WrapType.A256GCM and len(wrapped_data) < GCM_TAG_SIZE:
-        msg = (
-            f"annotation packet `wrapped_data` is {len(wrapped_data)} bytes, "
-            f"expected at least {GCM_TAG_SIZE} (the A256GCM tag)."
-        )
+    # optsdata is never empty (ocicrypt reads empty optsdata as "no key"), so neither is the ciphertext
+    gcm = wrap_type is WrapType.A256GCM
+    least = GCM_TAG_SIZE + 1 if gcm else 1
+    if len(wrapped_data) < least:
+        why = f"the {GCM_TAG_SIZE}-byte tag and one byte of optsdata" if gcm else "one byte of optsdata"
+        msg = f"annotation packet `wrapped_data` is {len(wrapped_data)} bytes, expected at least {least} ({why})."
         raise InvalidRequest(msg)
 
 

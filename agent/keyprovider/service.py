@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from agent.errors import InvalidRequest, NotSupported
+from agent.errors import DecryptionError, InvalidRequest, NotSupported
 from agent.keyprovider import annotation, messages
+from agent.secret import Secret
 from agent.shared import SharedValue
 
 __all__ = ["GuestKeyProvider"]
@@ -39,7 +40,7 @@ class GuestKeyProvider:
         self._fetch = fetch_resource
         self._cache_s = cache_s
         self._clock = clock
-        self._keks: dict[str, SharedValue[tuple[bytes, float]]] = {}  # kid -> (KEK, cached until)
+        self._keks: dict[str, SharedValue[tuple[Secret, float]]] = {}  # kid -> (KEK, cached until)
         self.kek_fetches = 0
 
     async def unwrap_key(self, request: bytes) -> bytes:
@@ -50,14 +51,19 @@ class GuestKeyProvider:
             raise NotSupported(msg)
         packet = annotation.parse_packet(parsed.annotation)
         if packet.provider != "kbs":
-            msg = f"annotation packet provider {packet.provider!r} is not supported, expected 'kbs'"
+            msg = f"annotation packet provider {packet.provider[:200]!r} is not supported, expected 'kbs'"
             raise NotSupported(msg)
         kek = await self._kek(packet.kid)
-        optsdata = annotation.unwrap(kek, packet)
+        try:
+            optsdata = annotation.unwrap(kek.reveal(), packet)
+        except DecryptionError:
+            # The caller's packet does not authenticate under the key it names: bad input, not an agent fault.
+            msg = f"annotation packet `wrapped_data` does not authenticate under the key at {packet.kid[:200]}"
+            raise InvalidRequest(msg) from None
         log.info("keyprovider.unwrapped", kid=packet.kid, wrap_type=str(packet.wrap_type))
         return messages.unwrap_reply(optsdata)
 
-    async def _kek(self, kid: str) -> bytes:
+    async def _kek(self, kid: str) -> Secret:
         """One fetch per `kid` at a time, shared by every layer that asks (`SharedValue`), cached `cache_s`."""
         shared = self._keks.get(kid)
         if shared is None:
@@ -66,18 +72,18 @@ class GuestKeyProvider:
             self._keks[kid] = shared
         return (await shared.get())[0]
 
-    def _fresh(self, cached: tuple[bytes, float]) -> bool:
+    def _fresh(self, cached: tuple[Secret, float]) -> bool:
         return self._clock() < cached[1]
 
     def _forget_idle(self) -> None:
         for kid in [k for k, s in self._keks.items() if not s.busy and (s.value is None or not self._fresh(s.value))]:
             del self._keks[kid]
 
-    async def _fetch_kek(self, kid: str) -> tuple[bytes, float]:
+    async def _fetch_kek(self, kid: str) -> tuple[Secret, float]:
         self.kek_fetches += 1
-        kek = await self._fetch(kid)
+        kek = Secret(await self._fetch(kid))
         if len(kek) != KEK_BYTES:
-            msg = f"the key-encryption key at {kid} is {len(kek)} bytes, expected {KEK_BYTES}"
+            msg = f"the key-encryption key at {kid[:200]} is {len(kek)} bytes, expected {KEK_BYTES}"
             raise InvalidRequest(msg)
         return kek, self._clock() + self._cache_s
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -54,7 +55,13 @@ def test_client_commands(daemon: Daemon, tmp_path: Path) -> None:
     assert resource.returncode == 0
     assert resource.stdout == SECRET
     out = tmp_path / "secret.bin"
-    assert cli("resource", "kbs:///default/key/1", "--socket", daemon.socket, "-o", str(out)).returncode == 0
+    out.write_bytes(b"an older, world-readable file")
+    out.chmod(0o644)
+    old_umask = os.umask(0)  # inherited by the CLI process
+    try:
+        assert cli("resource", "kbs:///default/key/1", "--socket", daemon.socket, "-o", str(out)).returncode == 0
+    finally:
+        os.umask(old_umask)
     assert out.read_bytes() == SECRET
     assert out.stat().st_mode & 0o777 == 0o600
     token = cli("token", "--socket", daemon.socket)

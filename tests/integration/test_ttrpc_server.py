@@ -102,7 +102,7 @@ class Recorder:
             AA: {"GetTeeType": self.get_tee_type},
         }
 
-    def server(self, *, max_connections: int = 32, max_in_flight: int = 16) -> TtrpcServer:
+    def server(self, *, max_connections: int = 32, max_in_flight: int = 16, **limits: float) -> TtrpcServer:
         return TtrpcServer(
             self.handlers(),
             declared_but_unimplemented={AA: ["BindInitData"]},
@@ -111,6 +111,7 @@ class Recorder:
             on_event=lambda e, f: self.events.append((e, dict(f))),
             max_connections=max_connections,
             max_in_flight=max_in_flight,
+            **limits,
         )
 
 
@@ -445,21 +446,31 @@ class TestSocket:
             await server.start(sock_path)
 
     async def test_connection_limit(self, rec: Recorder, tmp_path: Path) -> None:
-        srv = rec.server(max_connections=2)
+        srv = rec.server(max_connections=2, evict_idle_after_s=0.3, accept_wait_s=0.5)
         path = str(tmp_path / "c.sock")
         await srv.start(path)
         a, b = await RawPeer.open(path), await RawPeer.open(path)
         for peer in (a, b):
-            await peer.request(1, "Echo")
-            await peer.recv_response()
-        third = await RawPeer.open(path)
+            await peer.request(1, "Slow", b"1.5")
+        await until(lambda: rec.concurrent == 2)
+        third = await RawPeer.open(path)  # both connections busy: waits, then is refused
+        await third.request(1, "Echo", b"never")
         assert await third.closed_by_server()
         assert rec.events[-1][0] == "ttrpc.connection.refused"
-        await a.close()
-        await until(lambda: srv.connection_count == 1)
-        fourth = await RawPeer.open(path)
+        for peer in (a, b):
+            assert (await peer.recv_response())[1] == RpcResponse(payload=b"1.5")
+        fourth = await RawPeer.open(path)  # a and b are idle now: the one idle longest makes room
         await fourth.request(1, "Echo", b"in")
         assert await fourth.recv_response() == (1, RpcResponse(payload=b"in"))
+        assert "ttrpc.connection.evicted" in [event for event, _ in rec.events]
+        closed = []
+        for peer in (a, b):
+            try:
+                closed.append(await peer.closed_by_server(0.5))
+            except TimeoutError:
+                closed.append(False)
+        assert sorted(closed) == [False, True]  # exactly one was evicted
+        await a.close()
         for peer in (b, third, fourth):
             await peer.close()
         await srv.close()

@@ -34,6 +34,7 @@ PURE = [
     "secrets/sealed.py",
     "strictjson.py",
     "jws.py",
+    "secret.py",
 ]
 FORBIDDEN = {"os", "fcntl", "socket", "asyncio", "httpx", "grpc", "structlog", "subprocess", "threading", "pathlib"}
 

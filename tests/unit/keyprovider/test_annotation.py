@@ -39,6 +39,7 @@ OPTSDATA = (
     + b'","cipheroptions":{"nonce":"r10F9oaCu+nWFXfod3l83g=="}}'
 )
 KID = "kbs:///default/key/1"
+GCM_MIN = "the 16-byte tag and one byte of optsdata"
 
 # Real packet: confidential-containers/guest-components@8246e5e0977f6322f0a1b0f77e0739cf1c3e1f74
 # `ocicrypt-rs/data/sample_kbc_annotation.json` (tab-indented as in the file), encrypted under the sample KEK
@@ -189,7 +190,13 @@ class TestParsePacket:
             ({"wrap_type": "A128GCM"}, "`wrap_type` is 'A128GCM', expected 'A256GCM' or 'A256CTR'."),
             ({"wrap_type": "a256gcm"}, "`wrap_type` is 'a256gcm', expected 'A256GCM' or 'A256CTR'."),
             ({"wrap_type": "A256CTR"}, "`iv` is 12 bytes, expected 16 for A256CTR."),
-            ({"wrapped_data": b64(bytes(15))}, "`wrapped_data` is 15 bytes, expected at least 16 (the A256GCM tag)."),
+            ({"wrapped_data": b64(bytes(15))}, f"`wrapped_data` is 15 bytes, expected at least 17 ({GCM_MIN})."),
+            ({"wrapped_data": b64(bytes(16))}, f"`wrapped_data` is 16 bytes, expected at least 17 ({GCM_MIN})."),
+            ({"wrapped_data": ""}, f"`wrapped_data` is 0 bytes, expected at least 17 ({GCM_MIN})."),
+            (
+                {"wrapped_data": "", "wrap_type": "A256CTR", "iv": b64(bytes(16))},
+                "`wrapped_data` is 0 bytes, expected at least 1 (one byte of optsdata).",
+            ),
             ({"provider": ""}, "`provider` is empty, expected a provider name such as 'kbs'."),
             ({"provider": None}, "`provider` is null, expected a string."),
             ({"provider_settings": []}, "`provider_settings` is an array, expected an object."),
@@ -229,8 +236,8 @@ class TestParsePacket:
             parse_packet(data)
 
     def test_size_bound(self) -> None:
-        padding = " " * (MAX_PACKET_SIZE - len(v1_json(KID, bytes(16), GCM_IV, "A256GCM")))
-        at_limit = v1_json(KID, bytes(16), GCM_IV, "A256GCM")[:-1] + padding.encode() + b"}"
+        padding = " " * (MAX_PACKET_SIZE - len(v1_json(KID, bytes(17), GCM_IV, "A256GCM")))
+        at_limit = v1_json(KID, bytes(17), GCM_IV, "A256GCM")[:-1] + padding.encode() + b"}"
         assert len(at_limit) == MAX_PACKET_SIZE
         parse_packet(at_limit)
         with pytest.raises(
@@ -277,7 +284,7 @@ class TestSerialise:
         "packet",
         [
             AnnotationPacket(kid="k", wrapped_data=b"", provider="aws"),
-            AnnotationPacket(kid=KID, wrapped_data=bytes(16), iv=GCM_IV, wrap_type=WrapType.A256GCM,
+            AnnotationPacket(kid=KID, wrapped_data=bytes(17), iv=GCM_IV, wrap_type=WrapType.A256GCM,
                              annotations={"a": 1}),
         ],
     )  # fmt: skip
@@ -286,7 +293,7 @@ class TestSerialise:
             packet.to_v1_json()
 
     def test_repr_hides_wrapped_data(self) -> None:
-        packet = AnnotationPacket(kid=KID, wrapped_data=b"\xaa" * 16, iv=GCM_IV, wrap_type=WrapType.A256GCM)
+        packet = AnnotationPacket(kid=KID, wrapped_data=b"\xaa" * 17, iv=GCM_IV, wrap_type=WrapType.A256GCM)
         assert "wrapped_data" not in repr(packet)
 
 
@@ -345,6 +352,10 @@ class TestWrap:
         with pytest.raises(InvalidRequest, match=rf"^`iv` is {len(iv)} bytes, expected \d+ for {wrap_type}\.$"):
             wrap(KEK, OPTSDATA, kid=KID, wrap_type=wrap_type, iv=iv)
 
+    def test_empty_optsdata_is_refused(self) -> None:
+        with pytest.raises(InvalidRequest, match=re.escape("`optsdata` is empty")):
+            wrap(KEK, b"", kid=KID)
+
     def test_optsdata_size_bound(self) -> None:
         packet = wrap(KEK, bytes(MAX_OPTSDATA_SIZE), kid="kbs:///" + "/".join(["r" * 600] * 3))
         assert len(packet.to_v1_json()) <= MAX_PACKET_SIZE
@@ -354,7 +365,7 @@ class TestWrap:
 
     @settings(max_examples=60, deadline=None)
     @given(
-        optsdata=st.binary(max_size=2048),
+        optsdata=st.binary(min_size=1, max_size=2048),
         kek=st.binary(min_size=32, max_size=32),
         wrap_type=st.sampled_from(WrapType),
     )

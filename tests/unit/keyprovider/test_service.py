@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from agent.errors import DecryptionError, InvalidRequest, NotSupported
+from agent.errors import InvalidRequest, NotSupported
 from agent.keyprovider import annotation, messages
 from agent.keyprovider.annotation import WrapType
 from agent.keyprovider.service import GuestKeyProvider
@@ -78,12 +78,12 @@ class TestGuestKeyProvider:
         raw = bytearray(base64.b64decode(packet["wrapped_data"]))
         raw[0] ^= 1
         packet["wrapped_data"] = base64.b64encode(bytes(raw)).decode()
-        with pytest.raises(DecryptionError, match=r"^decryption failed$"):
+        with pytest.raises(InvalidRequest, match=r"^annotation packet `wrapped_data` does not authenticate under"):
             await provider.unwrap_key(messages.unwrap_request(json.dumps(packet).encode()))
 
     async def test_wrong_kek_fails(self) -> None:
         provider = GuestKeyProvider(FakeKbs({"kbs:///default/key/a": bytes(32)}))
-        with pytest.raises(DecryptionError):
+        with pytest.raises(InvalidRequest, match="does not authenticate"):
             await provider.unwrap_key(unwrap_request("kbs:///default/key/a"))
 
     async def test_other_provider_and_wrap_requests_refused(self) -> None:
