@@ -70,8 +70,12 @@ class Registers(Protocol):
     def extend(self, rtmr: int, data: bytes) -> None: ...
 
 
-class _NotExtended(DeviceError):
-    """The register write failed and the register is unchanged: nothing to recover."""
+class _NotExtended(Exception):  # an internal signal, never leaves this module
+    """The register write failed (`error`) and the register is unchanged: nothing to recover."""
+
+    def __init__(self, error: DeviceError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -281,9 +285,9 @@ class Journal:
                 self._extend(rtmr, digest, before, after)
                 self._write_at(self._size, data)
                 self._drop_wal()
-            except _NotExtended:
+            except _NotExtended as failed:
                 self._drop_wal()
-                raise
+                raise failed.error from None
             except BaseException as exc:
                 # the register may hold the extend while the log does not: stop here; a restart recovers from
                 # the WAL record, which is still in place
@@ -298,7 +302,7 @@ class Journal:
         except DeviceError as exc:
             now = self._registers.read(rtmr)
             if now == before:
-                raise _NotExtended(str(exc), errno=exc.errno) from exc
+                raise _NotExtended(exc) from exc
             if now != after:
                 msg = f"RTMR{rtmr} is {now.hex()} after a failed extend, expected {before.hex()} or {after.hex()}"
                 raise MeasurementError(msg) from exc

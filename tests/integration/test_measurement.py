@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
+from cvm_tools.devkbs.server import DevKbsServer
 
 from agent.api._gen import attestation_agent_pb2 as aa
-from agent.client import AgentUnreachable, CallFailed, call
-from agent.devkbs.server import DevKbsServer
+from agent.client import call
 from agent.tee import ccel, tdx
 from tests.fakes.tsmfs import MountedTsm, TsmFsOptions, mounted_tsm
 from tests.integration.hw_fixtures import HwDaemon, cli
@@ -212,9 +213,10 @@ def test_concurrent_callers(platform: Platform) -> None:
 
 
 def test_kill_9_at_random_points(platform: Platform) -> None:
-    """Hundreds of extends from 4 callers; each RTMR write takes 10 ms (the agent is almost always inside an extend)
-    and the agent is SIGKILLed at random instants and restarted. After every restart: every acknowledged event is
-    logged, nothing is logged twice, and the register holds exactly the logged extends."""
+    """Hundreds of extends from 4 callers; each RTMR write takes 10 ms (the agent is almost always inside an
+    extend), and the agent is SIGKILLed at random instants (after 5-40 acknowledged extends) and restarted. After
+    every restart: every acknowledged event is logged, nothing twice, and the register holds exactly the logged
+    extends."""
     platform.mount.configure(extend_delay_s=0.01)
     rng = random.Random(int.from_bytes(os.urandom(4), "big"))
     acknowledged: set[str] = set()
@@ -232,15 +234,23 @@ def test_kill_9_at_random_points(platform: Platform) -> None:
         assert platform.mount.state()["stats"]["extends"] == len(logged)
 
     def caller(socket: str) -> None:
-        while len(acknowledged) < target:
-            text = f"event {next(counter)}"
-            try:
-                result = extend(socket, "kill", "test", text)
-            except (AgentUnreachable, CallFailed):
-                return
-            assert result == aa.OK
-            with lock:
-                acknowledged.add(f"kill test {text}")
+        """One connection, failing fast (no wait for a restart) once the agent is gone."""
+        with grpc.insecure_channel(f"unix:{socket}") as channel:
+            stub = channel.unary_unary(
+                EXTEND,
+                request_serializer=aa.ExtendRuntimeMeasurementRequest.SerializeToString,
+                response_deserializer=aa.ExtendRuntimeMeasurementResponse.FromString,
+            )
+            while len(acknowledged) < target:
+                text = f"event {next(counter)}"
+                request = aa.ExtendRuntimeMeasurementRequest(Domain="kill", Operation="test", Content=text)
+                try:
+                    reply = stub(request, timeout=30)
+                except grpc.RpcError:
+                    return
+                assert reply.Result == aa.OK
+                with lock:
+                    acknowledged.add(f"kill test {text}")
 
     while len(acknowledged) < target:
         daemon = platform.daemon(f"run{kills}")
@@ -248,7 +258,11 @@ def test_kill_9_at_random_points(platform: Platform) -> None:
         threads = [threading.Thread(target=caller, args=(daemon.socket,)) for _ in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(rng.uniform(0.05, 0.4))
+        # kill after a random number of acknowledged extends, at a random instant within the next ones
+        goal = min(target, len(acknowledged) + rng.randint(5, 40))
+        while len(acknowledged) < goal and any(t.is_alive() for t in threads):
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))
         daemon.process.kill()
         for thread in threads:
             thread.join()

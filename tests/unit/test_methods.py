@@ -29,6 +29,7 @@ EXPECTED_STATUS = {
     "TsmGenerationError": StatusCode.ABORTED,
     "EvidenceParseError": StatusCode.INTERNAL,
     "EvidenceMismatch": StatusCode.FAILED_PRECONDITION,
+    "MeasurementError": StatusCode.FAILED_PRECONDITION,  # the event log no longer replays: nothing to retry
     "KbsError": StatusCode.UNAVAILABLE,
     "KbsTransportError": StatusCode.UNAVAILABLE,
     "KbsProtocolError": StatusCode.UNAVAILABLE,  # a KBS that answers garbage is an upstream failure
