@@ -27,7 +27,7 @@ from agent.tee import ccel, eventlog
 from agent.tee._common import read_optional
 from agent.tee.base import Attester
 from agent.tee.journal import DEFAULT_LOG_PATH, Journal
-from agent.tee.rtmr_sysfs import SysfsRtmrs
+from agent.tee.registry import support
 from agent.tee.tdx_attester import TdxAttester
 
 __all__ = ["MeasurementResult", "RuntimeMeasurement", "build_measurement", "log_path"]
@@ -98,11 +98,12 @@ def build_measurement(
     tee = attester.tee
     if not settings.enabled:
         return RuntimeMeasurement(enabled=False, init_pcr=settings.init_pcr)
-    if tee != "tdx":
+    factory = support(tee).runtime_registers
+    if factory is None:
         reason = f"the {tee} TEE has no runtime measurement registers this agent can extend"
         log.warning("measurement.unsupported", tee=tee, reason=reason)
         return RuntimeMeasurement(enabled=True, init_pcr=settings.init_pcr, reason=reason)
-    registers = SysfsRtmrs(config.tee_paths.tdx_measurements_dir)
+    registers = factory(config)
     missing = registers.missing()
     if missing is not None:
         log.warning("measurement.unsupported", tee=tee, reason=missing)

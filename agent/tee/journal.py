@@ -46,6 +46,7 @@ __all__ = [
     "Journal",
     "Recovery",
     "Registers",
+    "RuntimeRegisters",
     "WalRecord",
     "decode_wal",
     "encode_wal",
@@ -68,6 +69,12 @@ class Registers(Protocol):
     def read(self, rtmr: int) -> bytes: ...
 
     def extend(self, rtmr: int, data: bytes) -> None: ...
+
+
+class RuntimeRegisters(Registers, Protocol):
+    """Registers that may be absent on this kernel (`missing()` says why, or None)."""
+
+    def missing(self) -> str | None: ...
 
 
 class _NotExtended(Exception):  # an internal signal, never leaves this module
