@@ -58,6 +58,7 @@ _WAL_MAGIC: Final = b"CVMAAWAL"
 _WAL_VERSION: Final = 1
 _WAL_HEAD: Final = struct.Struct("<8sBBHQ48s48sI")
 _WAL_SUM_LEN: Final = 32
+_WAL_MAX: Final = _WAL_HEAD.size + eventlog.MAX_TEXT_BYTES + 1024 + _WAL_SUM_LEN  # one entry, bounded text
 _LEN: Final = eventlog.EXTEND_LEN
 
 T = TypeVar("T")
@@ -105,6 +106,9 @@ def encode_wal(record: WalRecord) -> bytes:
 
 def decode_wal(data: bytes) -> WalRecord:
     """Parse a WAL file; EvidenceParseError (with what is wrong) for anything but a whole, intact record."""
+    if len(data) > _WAL_MAX:
+        msg = f"WAL record is more than {_WAL_MAX} bytes, expected one entry"
+        raise EvidenceParseError(msg, offset=_WAL_MAX)
     if len(data) < _WAL_HEAD.size + _WAL_SUM_LEN:
         msg = f"WAL record is {len(data)} bytes, expected at least {_WAL_HEAD.size + _WAL_SUM_LEN}"
         raise EvidenceParseError(msg, offset=0)
@@ -203,7 +207,8 @@ class Journal:
         pending: Literal["none", "completed", "discarded"] = "none"
         detail = ""
         try:
-            raw = self.wal_path.read_bytes()
+            with self.wal_path.open("rb") as wal:
+                raw = wal.read(_WAL_MAX + 1)
         except FileNotFoundError:
             raw = None
         except OSError as exc:

@@ -267,6 +267,11 @@ class TestWalFormat:
         record = WalRecord(offset=2**40, rtmr=2, before=b"\x01" * 48, after=b"\x02" * 48, entry=b"entry")
         assert decode_wal(encode_wal(record)) == record
 
+    def test_oversized(self) -> None:
+        data = encode_wal(WalRecord(offset=0, rtmr=3, before=ZERO, after=ZERO, entry=b"x" * 70_000))
+        with pytest.raises(EvidenceParseError, match="expected one entry"):
+            decode_wal(data)
+
     def test_truncated(self) -> None:
         data = encode_wal(WalRecord(offset=0, rtmr=3, before=ZERO, after=ZERO, entry=b"x"))
         for cut in (0, 10, len(data) - 1):
