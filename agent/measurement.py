@@ -28,7 +28,6 @@ from agent.tee._common import read_optional
 from agent.tee.base import Attester
 from agent.tee.journal import DEFAULT_LOG_PATH, Journal
 from agent.tee.registry import support
-from agent.tee.tdx_attester import TdxAttester
 
 __all__ = ["MeasurementResult", "RuntimeMeasurement", "build_measurement", "log_path"]
 
@@ -111,6 +110,8 @@ def build_measurement(
     path = log_path(config, os.environ if environ is None else environ)
     journal = Journal(path, registers, firmware=firmware_events(config.tee_paths.ccel_data))
     recovery = journal.open()
+    from agent.tee.tdx_attester import TdxAttester  # only TDX evidence carries the log; imported when used
+
     if isinstance(attester, TdxAttester):
         attester.use_agent_log(journal)
     log.info(
