@@ -345,3 +345,32 @@ def test_measure_and_eventlog_commands(platform: Platform) -> None:
         assert as_json["replay"]["divergence"]["rtmr"] == 0
     finally:
         assert daemon.stop() == 0
+
+
+def test_emulated_measurement_sysfs_behaves_like_the_kernel(platform: Platform) -> None:
+    """The emulation the other tests rely on: hw-abi.md §4 semantics, and quotes that follow the registers."""
+    folder = platform.mount.measurements
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "mrconfigid", "mrowner", "mrownerconfig", "mrtd:sha384",
+        "rtmr0:sha384", "rtmr1:sha384", "rtmr2:sha384", "rtmr3:sha384",
+    ]  # fmt: skip
+    template = tdx.parse_quote((GCP / "quote_v4_padded8000.dat").read_bytes())
+    assert (folder / "mrtd:sha384").read_bytes() == template.body.mr_td
+    assert [(folder / f"rtmr{i}:sha384").read_bytes() for i in range(4)] == list(template.body.rtmrs)
+    fd = os.open(folder / "rtmr2:sha384", os.O_WRONLY)
+    try:
+        for data, offset in ((b"\x01" * 47, 0), (b"\x01" * 49, 0), (b"\x01" * 48, 1)):
+            with pytest.raises(OSError, match="Invalid argument"):
+                os.pwrite(fd, data, offset)
+        assert os.pwrite(fd, b"\x01" * 48, 0) == 48
+    finally:
+        os.close(fd)
+    with pytest.raises(PermissionError):
+        os.open(folder / "mrtd:sha384", os.O_WRONLY)
+    expected = hashlib.sha384(template.body.rtmrs[2] + b"\x01" * 48).digest()
+    assert (folder / "rtmr2:sha384").read_bytes() == expected
+    from agent.tee import tsm
+
+    quote = tdx.parse_quote(tsm.get_report(b"\x07" * 64, root=platform.mount.root).outblob)
+    assert quote.body.rtmrs[2] == expected
+    assert quote.body.report_data == b"\x07" * 64
