@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from agent.api.ttrpc import TtrpcClient, TtrpcServer
     from agent.initdata import InitData
     from agent.kbs.client import KbsClient
+    from agent.measurement import RuntimeMeasurement
     from agent.service import AttestationAgent, DataHub, ResourceBackend
     from agent.tee.base import Attester
 
@@ -70,6 +71,7 @@ class App:
         self.aa: AttestationAgent | None = None
         self.hub: DataHub | None = None
         self.kbs: KbsClient | None = None
+        self.measurement: RuntimeMeasurement | None = None
         self._backend: ResourceBackend | None = None
         self._aa_client: TtrpcClient | None = None
         self._initdata: InitData | None = None
@@ -111,11 +113,11 @@ class App:
             from agent.service import AttestationAgent
 
             assert self._attester is not None
-            self.aa = AttestationAgent(
-                self._attester, self.kbs, ready=self._ready, eventlog_enabled=config.eventlog.enabled
-            )
-            if config.eventlog.enabled:
-                log.warning("eventlog.unsupported", reason="runtime measurement is not implemented; NOT_SUPPORTED")
+            from agent.measurement import build_measurement
+
+            # recovers the event log; refuses (MeasurementError) when log and registers cannot be reconciled
+            self.measurement = await asyncio.to_thread(build_measurement, config, self._attester)
+            self.aa = AttestationAgent(self._attester, self.kbs, ready=self._ready, measurement=self.measurement)
         if self.serves_hub:
             from agent.service import DataHub
 
@@ -264,6 +266,9 @@ class App:
         if self.kbs is not None:
             await self.kbs.aclose()
             self.kbs = None
+        if self.measurement is not None:
+            self.measurement.close()
+            self.measurement = None
 
 
 def _load_initdata(config: Config) -> InitData | None:

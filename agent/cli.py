@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write the raw bytes to FILE (mode 0600) instead of stdout")
 
     _add_image_commands(sub)
+    from agent import measure_cli
+
+    measure_cli.add_commands(sub, epilog=_EPILOG, client_socket=_add_client_socket, tee_flags=_add_tee_flags)
 
     sub.add_parser("version", help="print the version")
     for subparser in sub.choices.values():  # a bad flag is reported with the subcommand's own usage
@@ -418,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             print(json.dumps(_load_config(args).describe(), indent=2))
             return EXIT_OK
+        if args.command in ("measure", "eventlog"):
+            from agent import measure_cli
+
+            return measure_cli.run(args, load_config=_load_config, call=_call)
         return _client(args)
     except ConfigError as exc:
         _error(str(exc))

@@ -32,6 +32,11 @@ Example (`cvm-agent serve --config agent.toml`):
     level = "info"                      # debug, info, warning, error
     format = "auto"                     # auto (console on a TTY, JSON otherwise), json, console
 
+    [eventlog]                          # runtime measurement (ExtendRuntimeMeasurement, AAEL); TDX only
+    enabled = false                     # off: ExtendRuntimeMeasurement answers NOT_ENABLED
+    path = "/run/attestation-agent/eventlog"   # default: $AAEL_PATH, else this (keep it on tmpfs)
+    init_pcr = 17                       # PCR index used when a request has no RegisterIndex (17 -> RTMR3)
+
     [snp]
     vmpl = 0                            # VMPL of SNP reports (configfs `privlevel`, ioctl `vmpl`); Trustee needs 0
 
@@ -66,11 +71,11 @@ __all__ = [
     "PLAIN_HTTP_RISK",
     "DEFAULT_SOCKET",
     "CredentialFile",
-    "EventlogConfig",
     "InitdataConfig",
     "TEE_NAMES",
     "Config",
     "DataHubConfig",
+    "EventlogConfig",
     "KbsConfig",
     "ListenAddress",
     "LogConfig",
@@ -201,9 +206,11 @@ class InitdataConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EventlogConfig:
-    """Runtime measurement (the AA's `[eventlog_config]`)."""
+    """Runtime measurement (`[eventlog]`; the AA's `[eventlog_config]`). `path` None: `$AAEL_PATH`, else
+    /run/attestation-agent/eventlog (as the reference)."""
 
     enabled: bool = False
+    path: str | None = None
     init_pcr: int = 17
 
 
@@ -253,11 +260,11 @@ class Config:
     grpc_listen: tuple[ListenAddress, ...] = ()
     kbs: KbsConfig = field(default_factory=KbsConfig)
     data_hub: DataHubConfig = field(default_factory=DataHubConfig)
+    eventlog: EventlogConfig = field(default_factory=EventlogConfig)
     log: LogConfig = field(default_factory=LogConfig)
     snp: SnpConfig = field(default_factory=SnpConfig)
     tee_paths: TeePaths = field(default_factory=TeePaths)
     initdata: InitdataConfig = field(default_factory=InitdataConfig)
-    eventlog: EventlogConfig = field(default_factory=EventlogConfig)
     # ttRPC on the reference sockets, so one `cvm-agent serve` can stand in for the AA and the data hub too
     ttrpc_aa_socket: str | None = None
     ttrpc_cdh_socket: str | None = None
@@ -334,7 +341,11 @@ class Config:
                 "ocicrypt_config": self.data_hub.ocicrypt_config,
             },
             "initdata": {"toml": self.initdata.toml, "digest": self.initdata.digest},
-            "eventlog": {"enabled": self.eventlog.enabled, "init_pcr": self.eventlog.init_pcr},
+            "eventlog": {
+                "enabled": self.eventlog.enabled,
+                "path": self.eventlog.path,
+                "init_pcr": self.eventlog.init_pcr,
+            },
             "log": {"level": self.log.level, "format": self.log.format},
             "snp": {"vmpl": self.snp.vmpl},
             "tee_paths": self.tee_paths.describe(),
@@ -478,6 +489,25 @@ def _data_hub(data: Mapping[str, Any]) -> DataHubConfig:
     return h
 
 
+PCR_MAX = 23
+
+
+def _eventlog(data: Mapping[str, Any]) -> EventlogConfig:
+    table = _table(data, "eventlog", {"enabled", "path", "init_pcr"})
+    e = EventlogConfig()
+    if "enabled" in table:
+        enabled = table["enabled"]
+        if not isinstance(enabled, bool):
+            msg = f"`eventlog.enabled` is {enabled!r}, expected true or false"
+            raise ConfigError(msg, key="eventlog.enabled")
+        e = replace(e, enabled=enabled)
+    if "path" in table:
+        e = replace(e, path=_abs_path(table["path"], "eventlog.path"))
+    if "init_pcr" in table:
+        e = replace(e, init_pcr=_integer(table["init_pcr"], "eventlog.init_pcr", low=0, high=PCR_MAX))
+    return e
+
+
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Build a validated Config from parsed TOML. Unknown keys are errors (typos must not pass silently)."""
     top = {
@@ -486,6 +516,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         "grpc_listen",
         "kbs",
         "data_hub",
+        "eventlog",
         "log",
         "snp",
         "tee_paths",
@@ -516,6 +547,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     cfg = replace(cfg, kbs=_kbs(data))
 
     cfg = replace(cfg, data_hub=_data_hub(data))
+    cfg = replace(cfg, eventlog=_eventlog(data))
 
     log = _table(data, "log", {"level", "format"})
     lg = cfg.log

@@ -10,7 +10,8 @@ Domain errors mean the world is wrong (bad data, hardware, peers); misuse by a c
     │   ├── DeviceError             an ioctl or configfs operation failed (errno, firmware, VMM status)
     │   ├── TsmGenerationError      configfs-tsm entry changed under us
     │   ├── EvidenceParseError      bytes do not form a valid quote / report / table / log
-    │   └── EvidenceMismatch        produced evidence does not carry what was asked for
+    │   ├── EvidenceMismatch        produced evidence does not carry what was asked for
+    │   └── MeasurementError        the runtime event log and the measurement registers cannot be reconciled
     ├── KbsError
     │   ├── KbsTransportError       connection, TLS, timeout, 5xx, oversized body
     │   ├── KbsProtocolError        the KBS answered something that does not follow the protocol
@@ -45,6 +46,7 @@ __all__ = [
     "KbsError",
     "KbsProtocolError",
     "KbsTransportError",
+    "MeasurementError",
     "NotSupported",
     "ResourceNotFound",
     "TeeError",
@@ -134,6 +136,16 @@ class EvidenceMismatch(TeeError):
     """Evidence produced by the TEE does not carry the requested report data (or init data)."""
 
     rpc_status: ClassVar[StatusCode] = StatusCode.FAILED_PRECONDITION
+
+
+class MeasurementError(TeeError):
+    """The runtime event log, its journal and the measurement registers disagree, or the log cannot be used."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.FAILED_PRECONDITION
+    advice = (
+        "The agent's event log no longer replays to the RTMRs, so every attestation would fail. Check for another "
+        "process extending the registers, and keep the log on tmpfs (/run) so that it does not outlive a reboot."
+    )
 
 
 class KbsError(AgentError):

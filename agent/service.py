@@ -7,7 +7,6 @@ nothing here knows about either transport.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ from agent.errors import ConfigError, InvalidRequest, NotSupported
 from agent.kbs.client import KbsClient
 from agent.kbs.resource import ResourceUri, parse_resource_uri
 from agent.keyprovider.service import GuestKeyProvider
+from agent.measurement import MeasurementResult, RuntimeMeasurement
 from agent.secrets import sealed
 from agent.tee.base import Attester
 
@@ -32,14 +32,6 @@ _LOCAL_KID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 TOKEN_TYPES = ("kbs", "coco_as")
 
 
-class MeasurementResult(enum.IntEnum):
-    """`attestation_agent.RuntimeMeasurementResult`."""
-
-    OK = 0
-    NOT_SUPPORTED = 1
-    NOT_ENABLED = 2
-
-
 class AttestationAgent:
     """The attestation agent: evidence, tokens, runtime measurement, initdata binding."""
 
@@ -49,12 +41,12 @@ class AttestationAgent:
         kbs: KbsClient | None,
         *,
         ready: asyncio.Event | None = None,
-        eventlog_enabled: bool = False,
+        measurement: RuntimeMeasurement | None = None,
     ) -> None:
         self._attester = attester
         self._kbs = kbs
         self._ready = ready
-        self._eventlog_enabled = eventlog_enabled
+        self._measurement = measurement or RuntimeMeasurement(enabled=False)
 
     async def _wait_ready(self) -> None:
         """Calls that use the TEE or the KBS wait until start-up checks (initdata binding) have passed."""
@@ -100,12 +92,11 @@ class AttestationAgent:
     async def extend_runtime_measurement(
         self, domain: str, operation: str, content: str, register_index: int | None
     ) -> MeasurementResult:
+        """Log the event `"<domain> <operation> <content>"` and extend the register for PCR `register_index`."""
         if "\n" in content or " " in domain or " " in operation or not domain or not operation:
             msg = "`Domain` and `Operation` must be non-empty without spaces, and `Content` must not contain a newline"
             raise InvalidRequest(msg)
-        # Runtime measurement (AAEL + RTMR/PCR extend with a write-ahead journal) is not implemented yet: with
-        # the event log enabled the honest answer is NOT_SUPPORTED, which every reference caller tolerates.
-        return MeasurementResult.NOT_SUPPORTED if self._eventlog_enabled else MeasurementResult.NOT_ENABLED
+        return await self._measurement.extend(domain, operation, content, register_index)
 
     async def bind_init_data(self, digest: bytes) -> None:
         if not digest or len(digest) > 64:

@@ -19,7 +19,7 @@ import structlog
 
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, AaSettings, cmdline_value, parse_aa_config, unix_path
-from agent.config import TEE_PATH_FLAGS, Config, EventlogConfig, InitdataConfig, KbsConfig, read_input
+from agent.config import TEE_PATH_FLAGS, Config, InitdataConfig, KbsConfig, read_input
 
 __all__ = ["main"]
 
@@ -73,7 +73,7 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
         ttrpc_aa_socket=socket_path,
         kbs=KbsConfig(url=url, cert_pem=settings.kbs_cert, tee_key_algorithm=settings.tee_key_algorithm),
         initdata=InitdataConfig(toml=args.initdata_toml, digest=None if args.initdata_toml else args.initdata_digest),
-        eventlog=EventlogConfig(enabled=settings.enable_eventlog, init_pcr=settings.init_pcr),
+        eventlog=settings.eventlog(),
     ).with_overrides(tee=tee, tee_paths={key: getattr(args, key) for key in TEE_PATH_FLAGS})
     return config, settings.log_level
 

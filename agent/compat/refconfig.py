@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config import EventlogConfig
 from agent.errors import ConfigError
 from agent.kbs.jwe import KeyAlgorithm
 from agent.tee.kinds import TEE_CHOICES
@@ -182,6 +183,10 @@ class AaSettings:
     init_pcr: int = 17
     log_level: str | None = None
     tee: str | None = None
+
+    def eventlog(self) -> EventlogConfig:
+        """`[eventlog_config]` as cvm-agent's `[eventlog]`; the log path stays `$AAEL_PATH` or the default."""
+        return EventlogConfig(enabled=self.enable_eventlog, init_pcr=self.init_pcr)
 
 
 def parse_aa_config(raw: bytes, *, source: str) -> AaSettings:

@@ -45,6 +45,7 @@ __all__ = [
     "EventLog",
     "SpecIdEvent",
     "TcgAlgorithm",
+    "aael_entry",
     "aael_event_data",
     "build_cc_eventlog",
     "encode_aael_entry",
@@ -601,17 +602,21 @@ def aael_event_data(event: AaelEvent) -> bytes:
     return struct.pack("<II", AAEL_TAG_ID, len(text)) + text
 
 
-def encode_aael_entry(
-    event: AaelEvent, *, alg: TcgAlgorithm = TcgAlgorithm.SHA384, mr_index: int = RTMR_COUNT
-) -> bytes:
-    """One `TCG_PCR_EVENT2` AAEL log entry (EV_EVENT_TAG, one digest = H(tagged event)); RTMR3 by default."""
+def aael_entry(event: AaelEvent, *, alg: TcgAlgorithm = TcgAlgorithm.SHA384, mr_index: int = RTMR_COUNT) -> Event:
+    """The AAEL `TCG_PCR_EVENT2` record: EV_EVENT_TAG, one digest = H(tagged event) (not H(text)); RTMR3 by default."""
     data = aael_event_data(event)
     digest = _hash(alg, data)
     if digest is None:
         msg = f"hash algorithm {_alg_name(alg)} is not available in this Python build"
         raise ValueError(msg)
-    entry = Event(mr_index=mr_index, event_type=EV_EVENT_TAG, digests=(Digest(alg_id=alg, digest=digest),), data=data)
-    return entry.to_bytes()
+    return Event(mr_index=mr_index, event_type=EV_EVENT_TAG, digests=(Digest(alg_id=alg, digest=digest),), data=data)
+
+
+def encode_aael_entry(
+    event: AaelEvent, *, alg: TcgAlgorithm = TcgAlgorithm.SHA384, mr_index: int = RTMR_COUNT
+) -> bytes:
+    """`aael_entry(...)` as bytes: what the agent's log file and `cc_eventlog` carry."""
+    return aael_entry(event, alg=alg, mr_index=mr_index).to_bytes()
 
 
 def parse_aael_event(data: bytes) -> AaelEvent:

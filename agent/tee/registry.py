@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from agent.config import Config
     from agent.tee import tsm
     from agent.tee.base import Attester
+    from agent.tee.journal import RuntimeRegisters
 
 __all__ = ["TEES", "PathProbe", "TeeSupport", "TsmProbe", "support"]
 
@@ -40,6 +41,7 @@ class TsmProbe:
 
 AttesterFactory = Callable[["Config", "tsm.FsOps | None"], "Attester"]
 EvidenceDecoder = Callable[[Mapping[str, Any]], dict[str, Any]]
+RegistersFactory = Callable[["Config"], "RuntimeRegisters"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +51,8 @@ class TeeSupport:
     attester: AttesterFactory
     evidence_keys: frozenset[str]  # top-level keys that identify this TEE's evidence JSON
     decode_evidence: EvidenceDecoder
+    # the registers ExtendRuntimeMeasurement extends; None: the TEE has none (NOT_SUPPORTED)
+    runtime_registers: RegistersFactory | None = None
 
 
 def _tdx_attester(config: Config, fsops: tsm.FsOps | None) -> Attester:
@@ -67,6 +71,12 @@ def _sample_attester(_config: Config, _fsops: tsm.FsOps | None) -> Attester:
     from agent.tee.sample import SampleAttester
 
     return SampleAttester()
+
+
+def _tdx_registers(config: Config) -> RuntimeRegisters:
+    from agent.tee.rtmr_sysfs import SysfsRtmrs
+
+    return SysfsRtmrs(config.tee_paths.tdx_measurements_dir)
 
 
 def _tdx_decode(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,6 +111,7 @@ TEES: tuple[TeeSupport, ...] = (
         attester=_tdx_attester,
         evidence_keys=frozenset({"quote"}),
         decode_evidence=_tdx_decode,
+        runtime_registers=_tdx_registers,
     ),
     TeeSupport(
         kind=TeeKind.SNP,

@@ -5,8 +5,9 @@ Evidence is the reference shape (guest-api.md §5.2), compact JSON with the keys
     {"cc_eventlog": "<base64 std>" | null, "quote": "<base64 std of the raw TD quote>"}
 
 - The quote comes only from configfs-tsm (provider `tdx_guest`); mainline kernels have no quote ioctl.
-- `cc_eventlog` is the CCEL ACPI data trimmed at its end marker, then (no AAEL entries yet) 8 x 0xFF; null when
-  the CCEL file does not exist.
+- `cc_eventlog` is the CCEL ACPI data trimmed at its end marker, then the agent's runtime-measurement entries
+  (when an event log is attached with `use_agent_log`), then 8 x 0xFF; null when there is neither. The quote is
+  taken under the event log's lock, so no extend falls between the quote's RTMRs and the log read with it.
 - Before returning, the quote is parsed and its REPORTDATA compared with the padded runtime data
   (`EvidenceMismatch` otherwise).
 - MRCONFIGID and the RTMRs come from the Linux 6.16+ sysfs measurement files when that directory exists, else from
@@ -25,7 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 import structlog
 
@@ -45,6 +46,13 @@ _SYSFS_MRTD: Final = "mrtd:sha384"
 _SYSFS_RTMR: Final = "rtmr{}:sha384"
 
 GetReport0 = Callable[..., bytes]
+T = TypeVar("T")
+
+
+class AgentLog(Protocol):
+    """The agent's runtime event log (`agent.tee.journal.Journal`)."""
+
+    def run_locked(self, fn: Callable[[], T]) -> tuple[T, bytes]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +83,11 @@ class TdxAttester:
         self._paths = paths
         self._fsops = fsops
         self._get_report0 = get_report0
+        self._agent_log: AgentLog | None = None
+
+    def use_agent_log(self, agent_log: AgentLog) -> None:
+        """Append this runtime event log's entries to `cc_eventlog` from now on."""
+        self._agent_log = agent_log
 
     @property
     def tee(self) -> str:
@@ -94,8 +107,15 @@ class TdxAttester:
 
     def _evidence(self, inblob: bytes) -> bytes:
         root = self._paths.tsm_report_dir
+
+        def fetch() -> tsm.TsmReport:
+            return tsm.get_report(inblob, root=root, expected_provider=tsm.PROVIDER_TDX, fsops=self._fsops)
+
         try:
-            report = tsm.get_report(inblob, root=root, expected_provider=tsm.PROVIDER_TDX, fsops=self._fsops)
+            if self._agent_log is None:
+                report, aael = fetch(), None
+            else:
+                report, aael = self._agent_log.run_locked(fetch)
         except TeeUnavailable as exc:
             msg = f"TDX quotes come only from configfs-tsm, which is not usable: {exc}"
             raise TeeUnavailable(msg) from exc
@@ -110,18 +130,18 @@ class TdxAttester:
                 "(the runtime data asked for): the quote does not belong to this request"
             )
             raise EvidenceMismatch(msg)
-        eventlog = self._cc_eventlog()
+        eventlog = self._cc_eventlog(aael or None)
         evidence = {
             "cc_eventlog": None if eventlog is None else base64.b64encode(eventlog).decode("ascii"),
             "quote": base64.b64encode(report.outblob).decode("ascii"),
         }
         return json.dumps(evidence, separators=(",", ":")).encode()
 
-    def _cc_eventlog(self) -> bytes | None:
+    def _cc_eventlog(self, aael: bytes | None) -> bytes | None:
         path = self._paths.ccel_data
         raw = read_optional(path, "the CCEL event log")
         try:
-            return ccel.build_cc_eventlog(raw, None)
+            return ccel.build_cc_eventlog(raw, aael)
         except EvidenceParseError as exc:
             msg = f"the CCEL event log `{path}` does not parse: {exc}"
             raise EvidenceParseError(msg, offset=exc.offset) from exc

@@ -16,6 +16,12 @@ semantics (drivers/virt/coco/tsm.c, later guest/report.c; fs/configfs/file.c):
   TDX and SEV reject an `inblob` that is not exactly 64 bytes (EINVAL);
 - `privlevel` must lie in `privlevel_floor`..3 (EINVAL).
 
+With `measurements=True` the mount also has `<mount>/measurements/` (`MountedTsm.measurements`), the Linux 6.16
+TDX measurement sysfs (hw-abi.md §4): `rtmr0:sha384` … `rtmr3:sha384` (0644, 48 bytes; a write of exactly 48
+bytes at offset 0 extends, `RTMR = SHA384(RTMR ‖ data)`, anything else is EINVAL), `mrtd:sha384`, `mrconfigid`,
+`mrowner`, `mrownerconfig` (0444). The registers start as the template quote's values, and every TD quote carries
+the current RTMR0..3 (also without `measurements`, where they never change).
+
 Switches (`TsmFsOptions`, at mount time or later through `MountedTsm.configure`): provider, configfs present but
 `tsm` missing, no provider registered, attributes missing as on other kernels, a racing writer, an errno for
 evidence generation, an errno for mkdir, a generation delay.
@@ -37,6 +43,7 @@ import contextlib
 import ctypes.util
 import dataclasses
 import errno
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -69,7 +76,9 @@ __all__ = [
     "mounted_tsm",
     "require_fuse",
     "snp_report_with",
+    "tdx_quote_registers",
     "tdx_quote_with",
+    "tdx_quote_with_rtmrs",
 ]
 
 _HW_VECTORS: Final = Path(__file__).resolve().parents[1] / "vectors" / "hw"  # also runs as a script
@@ -85,6 +94,12 @@ TDX_QUOTE_V5_REPORTDATA: Final = 0x23E  # 48-byte header + 6-byte body descripto
 SNP_REPORT_VMPL: Final = 0x30  # hw-abi.md §6.4
 SNP_REPORT_REPORT_DATA: Final = 0x50
 SNP_REPORT_LEN: Final = 0x4A0
+TDX_QUOTE_BODY: Final = {4: 48, 5: 54}  # after the header (and v5's body descriptor)
+TDX_BODY_MRTD: Final = 136  # hw-abi.md §6.2: MRTD, MRCONFIGID, MROWNER, MROWNERCONFIG, RTMR0..3, 48 bytes each
+MR_LEN: Final = 48
+MEASUREMENTS: Final = "measurements"
+_MR_FILES: Final = ("mrtd:sha384", "mrconfigid", "mrowner", "mrownerconfig")  # body order from MRTD on
+_RTMR_FILES: Final = tuple(f"rtmr{i}:sha384" for i in range(4))
 
 Provider = Literal["tdx_guest", "sev_guest", ""]
 Layout = Literal["full", "no_tsm", "no_report"]
@@ -109,6 +124,18 @@ def tdx_quote_with(template: bytes, reportdata: bytes) -> bytes:
         raise ValueError(msg)
     at = offsets[version]
     return template[:at] + reportdata + template[at + INBLOB_MAX :]
+
+
+def tdx_quote_registers(template: bytes) -> list[bytes]:
+    """MRTD, MRCONFIGID, MROWNER, MROWNERCONFIG, RTMR0..3 of a TD quote v4/v5."""
+    at = TDX_QUOTE_BODY[int.from_bytes(template[0:2], "little")] + TDX_BODY_MRTD
+    return [template[at + i * MR_LEN : at + (i + 1) * MR_LEN] for i in range(8)]
+
+
+def tdx_quote_with_rtmrs(template: bytes, rtmrs: list[bytes]) -> bytes:
+    """`template` with RTMR0..3 replaced."""
+    at = TDX_QUOTE_BODY[int.from_bytes(template[0:2], "little")] + TDX_BODY_MRTD + 4 * MR_LEN
+    return template[:at] + b"".join(rtmrs) + template[at + 4 * MR_LEN :]
 
 
 def snp_report_with(template: bytes, report_data: bytes, vmpl: int) -> bytes:
@@ -144,6 +171,9 @@ class TsmFsOptions:
         (-1: always); 0 for none.
     mkdir_errno: the errno every mkdir of an entry fails with (e.g. EACCES); 0 for none.
     report_delay_s: how long evidence generation takes (a real TDX quote takes about a second).
+    measurements: whether `<mount>/measurements/` (the TDX measurement sysfs) exists.
+    extend_delay_s: how long an RTMR write takes: half before the register changes, half after (so a writer
+        killed meanwhile may or may not have extended it).
     """
 
     provider: Provider = "tdx_guest"
@@ -159,6 +189,8 @@ class TsmFsOptions:
     outblob_errno_count: int = -1
     mkdir_errno: int = 0
     report_delay_s: float = 0.0
+    measurements: bool = False
+    extend_delay_s: float = 0.0
     tdx_template: str = str(DEFAULT_TDX_TEMPLATE)
     snp_template: str = str(DEFAULT_SNP_TEMPLATE)
     cert_table: str = str(DEFAULT_CERT_TABLE)
@@ -271,9 +303,12 @@ class TsmModel:
         self._entries: dict[str, _Entry] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._stats = {"mkdirs": 0, "rmdirs": 0, "reports": 0, "races": 0, "max_entries": 0}
+        self._stats = {"mkdirs": 0, "rmdirs": 0, "reports": 0, "races": 0, "max_entries": 0, "extends": 0}
         self.options = options
         self._load_templates()
+        registers = tdx_quote_registers(self._tdx_template)
+        self._mrs = dict(zip(_MR_FILES, registers[:4], strict=True))
+        self._rtmrs = registers[4:]
 
     def _load_templates(self) -> None:
         self._tdx_template = Path(self.options.tdx_template).read_bytes()
@@ -292,6 +327,10 @@ class TsmModel:
                 return "control"
             case ("tsm",) if opts.layout != "no_tsm":
                 return "dir"
+            case (name,) if name == MEASUREMENTS and opts.measurements:
+                return "dir"
+            case (name, mr) if name == MEASUREMENTS and opts.measurements and mr in _MR_FILES + _RTMR_FILES:
+                return "mr"
             case ("tsm", "report") if opts.layout == "full":
                 return "dir"
             case ("tsm", "report", name) if opts.layout == "full" and name in self._entries:
@@ -320,7 +359,10 @@ class TsmModel:
                 raise _err(errno.ENOTDIR)
             match path:
                 case ():
-                    return [CONTROL_FILE] + ([] if self.options.layout == "no_tsm" else ["tsm"])
+                    names = [CONTROL_FILE] + ([] if self.options.layout == "no_tsm" else ["tsm"])
+                    return names + ([MEASUREMENTS] if self.options.measurements else [])
+                case (name,) if name == MEASUREMENTS:
+                    return sorted(_MR_FILES + _RTMR_FILES)
                 case ("tsm",):
                     return ["report"] if self.options.layout == "full" else []
                 case ("tsm", "report"):
@@ -334,6 +376,9 @@ class TsmModel:
                 return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, "st_size": 0}
             if kind == "control":
                 return {"st_mode": stat.S_IFREG | 0o600, "st_nlink": 1, "st_size": _ATTR_SIZE}
+            if kind == "mr":
+                mode = 0o644 if path[-1] in _RTMR_FILES else 0o444
+                return {"st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_size": MR_LEN}
             return {"st_mode": stat.S_IFREG | _ATTRS[path[-1]][1], "st_nlink": 1, "st_size": _ATTR_SIZE}
 
     # ---- directories
@@ -381,6 +426,8 @@ class TsmModel:
                 mode = _ATTRS[path[-1]][1]
                 if (wants_read and not mode & 0o444) or (wants_write and not mode & 0o222):
                     raise _err(errno.EACCES)
+            if kind == "mr" and wants_write and path[-1] not in _RTMR_FILES:
+                raise _err(errno.EACCES)
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = _Handle(path=path, writable=wants_write)
@@ -397,6 +444,9 @@ class TsmModel:
     def write(self, fh: int, data: bytes, offset: int) -> int:
         with self._lock:
             handle = self._handles[fh]
+        if handle.path[0] == MEASUREMENTS:
+            return self._extend(handle.path[-1], data, offset)
+        with self._lock:
             if handle.path == (CONTROL_FILE,):
                 handle.buffer[offset : offset + len(data)] = data
                 handle.dirty = True
@@ -442,6 +492,19 @@ class TsmModel:
             self.kind(path)  # O_TRUNC on an attribute is accepted and does nothing
 
     # ---- internals
+
+    def _extend(self, name: str, data: bytes, offset: int) -> int:
+        """tsm-mr's write: exactly 48 bytes at offset 0, applied at once (no buffering until close)."""
+        if offset != 0 or len(data) != MR_LEN:
+            raise _err(errno.EINVAL)
+        delay = self.options.extend_delay_s / 2
+        time.sleep(delay)
+        with self._lock:
+            i = _RTMR_FILES.index(name)
+            self._rtmrs[i] = hashlib.sha384(self._rtmrs[i] + data).digest()
+            self._stats["extends"] += 1
+        time.sleep(delay)
+        return len(data)
 
     def _entry_attr(self, path: tuple[str, ...]) -> tuple[str, str]:
         if len(path) != 4:
@@ -499,6 +562,10 @@ class TsmModel:
         with self._lock:
             if path == (CONTROL_FILE,):
                 return self.state_json().encode()
+            if path[0] == MEASUREMENTS:
+                if path[-1] in _RTMR_FILES:
+                    return self._rtmrs[_RTMR_FILES.index(path[-1])]
+                return self._mrs[path[-1]]
             name, attr = self._entry_attr(path)
             entry = self._entries[name]
             if attr == "provider":
@@ -532,7 +599,7 @@ class TsmModel:
         if len(entry.inblob) != INBLOB_MAX:
             raise _err(errno.EINVAL)
         if opts.provider == "tdx_guest":
-            entry.outblob = tdx_quote_with(self._tdx_template, entry.inblob)
+            entry.outblob = tdx_quote_with_rtmrs(tdx_quote_with(self._tdx_template, entry.inblob), self._rtmrs)
         else:
             entry.outblob = snp_report_with(self._snp_template, entry.inblob, entry.privlevel)
             entry.auxblob = self._cert_table if opts.certs else b""
@@ -548,6 +615,10 @@ class TsmModel:
                 raise TypeError
             self.options = dataclasses.replace(self.options, **changes)
             self._load_templates()
+            if "tdx_template" in changes:  # a new platform: its registers start over
+                registers = tdx_quote_registers(self._tdx_template)
+                self._mrs = dict(zip(_MR_FILES, registers[:4], strict=True))
+                self._rtmrs = registers[4:]
         except (ValueError, TypeError, OSError):
             raise _err(errno.EINVAL) from None
 
@@ -558,6 +629,7 @@ class TsmModel:
                 "entries": sorted(self._entries),
                 "generations": {name: e.write_gen for name, e in self._entries.items()},
                 "stats": dict(self._stats),
+                "rtmrs": [r.hex() for r in self._rtmrs],
             }
             return json.dumps(state, sort_keys=True)
 
@@ -771,6 +843,7 @@ class MountedTsm:
         self.mountpoint = mountpoint
         self.root = mountpoint / "tsm" / "report"
         self.control = mountpoint / CONTROL_FILE
+        self.measurements = mountpoint / MEASUREMENTS  # exists with TsmFsOptions(measurements=True)
 
     def configure(self, **changes: object) -> None:
         """Change `TsmFsOptions` fields in the running file system (EINVAL from close() if invalid)."""
@@ -783,6 +856,10 @@ class MountedTsm:
 
     def entries(self) -> list[str]:
         return list(self.state()["entries"])
+
+    def rtmrs(self) -> list[bytes]:
+        """RTMR0..3 as the emulated kernel holds them now."""
+        return [bytes.fromhex(r) for r in self.state()["rtmrs"]]
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -14,10 +15,18 @@ from typing import Any
 import pytest
 from cvm_tools.devkbs.core import DevKbsCore, Response
 from cvm_tools.devkbs.server import DevKbsServer
+from cvm_tools.devkbs.verifiers import verify_tdx
 
 from agent.kbs import protocol
-from agent.tee import ccel
-from tests.fakes.tsmfs import DEFAULT_SNP_TEMPLATE, DEFAULT_TDX_TEMPLATE, snp_report_with, tdx_quote_with
+from agent.tee import ccel, eventlog
+from tests.fakes.tsmfs import (
+    DEFAULT_SNP_TEMPLATE,
+    DEFAULT_TDX_TEMPLATE,
+    snp_report_with,
+    tdx_quote_registers,
+    tdx_quote_with,
+    tdx_quote_with_rtmrs,
+)
 from tests.paths import VECTORS_DIR as VECTORS
 
 pytestmark = pytest.mark.integration
@@ -112,6 +121,34 @@ class TestTdx:
         assert got["tdx"]["ccel"] == {"events": 43}
         # the same log against a quote whose RTMRs it does not produce
         assert_rejected(attest(tmp_path, "tdx", tdx_evidence(eventlog=eventlog)))
+
+    def test_event_log_with_agent_entries(self, tmp_path: Path) -> None:
+        """Firmware CCEL + AAEL entries: accepted when the quote's RTMR3 holds them, rejected otherwise."""
+        texts = ['github.com/confidential-containers PullImage {"image":"a", "digest":"b"}', "w Start x"]
+        events = [eventlog.measurement_entry(*t.split(" ", 2), rtmr=3) for t in texts]
+        log = ccel.build_cc_eventlog((GCP / "ccel_data.bin").read_bytes(), b"".join(e.to_bytes() for e in events))
+        assert log is not None
+        template = (GCP / "quote_v4_padded8000.dat").read_bytes()
+        rtmr3 = bytes(48)
+        for event in events:
+            rtmr3 = hashlib.sha384(rtmr3 + event.digests[0].digest).digest()
+        full = tdx_quote_with_rtmrs(template, [*tdx_quote_registers(template)[4:7], rtmr3])
+        got = claims(attest(tmp_path, "tdx", tdx_evidence(full, log)))
+        assert got["tdx"]["ccel"] == {"events": 45}
+        assert got["tdx"]["quote"]["body"]["rtmr_3"] == rtmr3.hex()
+        # RTMR3 without the last extend: rejected, naming that entry
+        first_only = hashlib.sha384(bytes(48) + events[0].digests[0].digest).digest()
+        partial = tdx_quote_with_rtmrs(template, [*tdx_quote_registers(template)[4:7], first_only])
+        assert_rejected(attest(tmp_path, "tdx", tdx_evidence(partial, log)))
+        quote = tdx_quote_with(partial, bytes(64))
+        evidence = {"cc_eventlog": b64(log), "quote": b64(quote)}
+        with pytest.raises(ValueError, match=re.escape("(RTMR3 differ): entry 45 (agent, 'w Start x'): logged but")):
+            verify_tdx("tdx", evidence, bytes(48), None)
+        # an entry whose text was changed under its digest: the registers still replay, the digest check catches it
+        tampered = log.replace(b"w Start x", b"w Start y")
+        evidence = {"cc_eventlog": b64(tampered), "quote": b64(tdx_quote_with(full, bytes(64)))}
+        with pytest.raises(ValueError, match=re.escape("(no register differ): entry 45 (agent, 'w Start y'): its")):
+            verify_tdx("tdx", evidence, bytes(48), None)
 
     def test_wrong_report_data(self, tmp_path: Path) -> None:
         assert_rejected(attest(tmp_path, "tdx", tdx_evidence(pad=bytes(64))))

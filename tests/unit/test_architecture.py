@@ -22,6 +22,7 @@ PURE = [
     "tee/tdx.py",
     "tee/snp.py",
     "tee/ccel.py",
+    "tee/eventlog.py",
     "tee/_uapi.py",
     "tee/_layout.py",
     "tee/decode.py",

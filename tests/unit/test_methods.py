@@ -29,6 +29,7 @@ EXPECTED_STATUS = {
     "TsmGenerationError": StatusCode.ABORTED,
     "EvidenceParseError": StatusCode.INTERNAL,
     "EvidenceMismatch": StatusCode.FAILED_PRECONDITION,
+    "MeasurementError": StatusCode.FAILED_PRECONDITION,  # the event log no longer replays: nothing to retry
     "KbsError": StatusCode.UNAVAILABLE,
     "KbsTransportError": StatusCode.UNAVAILABLE,
     "KbsProtocolError": StatusCode.UNAVAILABLE,  # a KBS that answers garbage is an upstream failure
@@ -90,10 +91,13 @@ async def test_unexpected_exception_hides_its_text() -> None:
 
 
 async def test_runtime_measurement_answers() -> None:
+    from agent.config import Config, EventlogConfig
+    from agent.measurement import build_measurement
     from agent.service import MeasurementResult
 
     disabled = AttestationAgent(SampleAttester(), None)
-    enabled = AttestationAgent(SampleAttester(), None, eventlog_enabled=True)
+    sample_measurement = build_measurement(Config(eventlog=EventlogConfig(enabled=True)), SampleAttester())
+    enabled = AttestationAgent(SampleAttester(), None, measurement=sample_measurement)
     assert await disabled.extend_runtime_measurement("d", "o", "c", None) is MeasurementResult.NOT_ENABLED
     assert await enabled.extend_runtime_measurement("d", "o", "c", 17) is MeasurementResult.NOT_SUPPORTED
     with pytest.raises(errors.InvalidRequest, match="must not contain a newline"):

@@ -72,6 +72,9 @@ def test_notify_watchdog_and_hardening(path: Path) -> None:
         assert service["DeviceAllow"] == ["/dev/tdx_guest rw", "/dev/sev-guest rw"]
         sys_paths = [p for p in service["ReadWritePaths"] if "/sys/" in p]
         assert sys_paths == ["-/sys/kernel/config/tsm", "-/sys/devices/virtual/misc/tdx_guest/measurements"]
+        # the runtime-measurement event log: writable, and kept when the unit stops or restarts
+        assert "attestation-agent" in service["RuntimeDirectory"]
+        assert one(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
     else:
         assert one(unit, "Service", "PrivateDevices") == "yes"
         assert "DeviceAllow" not in service

@@ -5,8 +5,9 @@ reject (the KBS answers 401 AttestationError). What is checked, as Trustee's ver
 
 - **tdx**: evidence is exactly `{"cc_eventlog": <base64 std> | null, "quote": <base64 std>}`; the quote parses
   (v4 or v5; trailing zero padding allowed); REPORTDATA = the 48-byte digest zero-padded to 64; when
-  `cc_eventlog` is present it parses and its replay equals RTMR0..3; with init-data, MRCONFIGID = the init-data
-  digest (its `algorithm`) zero-padded to 48.
+  `cc_eventlog` is present it parses, its replay equals RTMR0..3 and every attestation-agent (AAEL) entry's
+  digest is H(its event data) (a mismatch is rejected naming the first entry that diverges); with init-data,
+  MRCONFIGID = the init-data digest (its `algorithm`) zero-padded to 48.
 - **snp**: evidence is exactly `{"attestation_report": {...}, "cert_chain": [...] | null}`, rebuilt with
   `snp.report_from_sev_json` / `cert_table_from_sev_json`; VMPL must be 0; REPORT_DATA = the digest zero-padded to
   64; with init-data, HOST_DATA = the digest zero-padded or truncated to 32. Report versions 2-5 are accepted:
@@ -27,7 +28,7 @@ from typing import Any
 
 from agent.errors import ConfigError, EvidenceParseError
 from agent.initdata import binding_value, parse_initdata
-from agent.tee import ccel, snp, tdx
+from agent.tee import ccel, eventlog, snp, tdx
 
 __all__ = ["HARDWARE_VERIFIERS", "verify_snp", "verify_tdx"]
 
@@ -68,21 +69,24 @@ def verify_tdx(tee: str, evidence: object, digest: bytes, init_data: str | None)
     obj = _keys(evidence, _TDX_KEYS, "tdx")
     try:
         quote = tdx.parse_quote(_b64(obj["quote"], "quote"))
-        eventlog = None
+        log = None
         if obj["cc_eventlog"] is not None:
-            eventlog = ccel.parse_event_log(_b64(obj["cc_eventlog"], "cc_eventlog"))
-            replayed = ccel.replay_rtmrs(eventlog)
+            raw = _b64(obj["cc_eventlog"], "cc_eventlog")
+            log = ccel.parse_event_log(raw)
+            replay = eventlog.replay(eventlog.items_from_cc_eventlog(raw), quote.body.rtmrs)
     except EvidenceParseError as exc:
         raise ValueError(str(exc)) from exc
     body = quote.body
     if body.report_data != binding_value(digest, 64):
         msg = "TDX REPORTDATA does not match the runtime data digest (zero-padded to 64 bytes)"
         raise ValueError(msg)
-    if eventlog is not None:
-        for i, (have, want) in enumerate(zip(replayed, body.rtmrs, strict=True)):
-            if have != want:
-                msg = f"the cc_eventlog replays RTMR{i} to {have.hex()}, the quote has {want.hex()}"
-                raise ValueError(msg)
+    if log is not None and replay.divergence is not None:
+        mismatched = [f"RTMR{r.rtmr}" for r in replay.registers if not r.matches] or ["no register"]
+        msg = (
+            f"the cc_eventlog does not replay to the quote ({', '.join(mismatched)} differ): "
+            f"{replay.divergence.describe()}"
+        )
+        raise ValueError(msg)
     claims: dict[str, Any] = {
         "quote": {
             "header": {"version": quote.version, "tee_type": "81000000"},
@@ -103,7 +107,7 @@ def verify_tdx(tee: str, evidence: object, digest: bytes, init_data: str | None)
         },
         "td_attributes": tdx.decode_td_attributes(body.td_attributes),
         "report_data": body.report_data.hex(),
-        "ccel": None if eventlog is None else {"events": len(eventlog.events)},
+        "ccel": None if log is None else {"events": len(log.events)},
     }
     if body.mr_servicetd is not None:
         claims["quote"]["body"]["mr_servicetd"] = body.mr_servicetd.hex()
