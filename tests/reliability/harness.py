@@ -22,16 +22,12 @@ import grpc.aio
 import structlog
 
 from agent import log as agent_log
-from agent.api.grpc_server import GrpcServer
 from agent.api.methods import Method, build_methods
 from agent.api.status import RpcError
-from agent.api.ttrpc import TtrpcClient, TtrpcServer
-from agent.api.ttrpc_service import build_ttrpc_server
+from agent.api.ttrpc import TtrpcClient
+from agent.app import App
 from agent.compat.rest import ConnectionLimiter, RestApi, _serve_connection
-from agent.config import ListenAddress
-from agent.kbs.client import KbsClient
-from agent.service import AttestationAgent, DataHub
-from agent.tee.sample import SampleAttester
+from agent.config import Config, KbsConfig, ListenAddress
 
 __all__ = ["CALL_TIMEOUT_S", "FUZZ_COUNTS", "InProcessAgent", "RestReply"]
 
@@ -81,17 +77,17 @@ class InProcessAgent:
             structlog.reset_defaults()
 
     async def _start(self) -> None:
-        attester = SampleAttester()
-        kbs = KbsClient(url=self.kbs_url, attester=attester, timeout_s=10)
-        aa = AttestationAgent(attester, kbs)
-        hub = DataHub(kbs)
-        self.methods = build_methods(aa, hub)
-        grpc_server = GrpcServer(self.methods, [ListenAddress(unix_path=self.grpc_socket)])
-        await grpc_server.start()
-        aa_server: TtrpcServer = build_ttrpc_server(build_methods(aa, None))
-        cdh_server: TtrpcServer = build_ttrpc_server(build_methods(None, hub))
-        await aa_server.start(self.aa_socket)
-        await cdh_server.start(self.cdh_socket)
+        config = Config(
+            tee="sample",
+            socket=ListenAddress(unix_path=self.grpc_socket),
+            ttrpc_aa_socket=self.aa_socket,
+            ttrpc_cdh_socket=self.cdh_socket,
+            kbs=KbsConfig(url=self.kbs_url, timeout_s=10),
+        )
+        app = App(config)  # the composition root, as `cvm-agent serve` builds it
+        await app.start()
+        await app.complete_startup()
+        self.methods = build_methods(app.aa, app.hub)  # the same services, for direct invocation by the fuzzers
         rest_api = RestApi(
             features="all", aa_client=TtrpcClient(self.aa_socket), cdh_client=TtrpcClient(self.cdh_socket)
         )
@@ -101,9 +97,7 @@ class InProcessAgent:
         )
         channel = grpc.aio.insecure_channel(f"unix:{self.grpc_socket}")
         self._state = {
-            "kbs": kbs,
-            "grpc": grpc_server,
-            "ttrpc": [aa_server, cdh_server],
+            "app": app,
             "rest": rest,
             "rest_api": rest_api,
             "channel": channel,
@@ -120,10 +114,7 @@ class InProcessAgent:
         await state["rest"].wait_closed()
         await state["rest_api"]._aa.close()
         await state["rest_api"]._cdh.close()
-        for server in state["ttrpc"]:
-            await server.close(grace_s=1)
-        await state["grpc"].stop(1)
-        await state["kbs"].aclose()
+        await state["app"].close()
 
     def run(self, coro: Coroutine[Any, Any, T], *, timeout: float = CALL_TIMEOUT_S) -> T:
         """Run `coro` on the server loop; raises TimeoutError (a hang) if it takes longer than `timeout`."""

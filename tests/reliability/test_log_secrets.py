@@ -128,12 +128,13 @@ async def test_a_crash_line_has_type_and_positions_only(
     kek: bytes, dev_kbs: DevKbsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An agent bug while the KEK is in scope: the line names the exception and where, nothing else."""
+    from agent.config import KbsConfig
     from agent.kbs.client import KbsClient
     from agent.tee.sample import SampleAttester
 
     stream = io.StringIO()
     agent_log.configure("debug", "json", stream=stream)
-    kbs = KbsClient(url=dev_kbs.url, attester=SampleAttester())
+    kbs = KbsClient(KbsConfig(url=dev_kbs.url), SampleAttester())
     hub = DataHub(kbs)
 
     def broken_reply(optsdata: bytes) -> bytes:
