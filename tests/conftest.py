@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.paths import GUEST_CACHE, VECTORS_DIR
+
+# No timing assertions in `make test` (the machine is shared): hypothesis's per-example deadline is one.
+settings.register_profile("cvm-agent", deadline=None)
+settings.load_profile("cvm-agent")
 
 # The slow guest tests (image build, systemd-nspawn boot) run in `make test` only where their download cache exists
 # (filled by `make guest-test`) or in CI; elsewhere they skip with this reason.
