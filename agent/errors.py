@@ -19,7 +19,9 @@ Domain errors mean the world is wrong (bad data, hardware, peers); misuse by a c
     ├── InvalidResourceUri          a `kbs:///repo/type/tag` URI that does not parse
     ├── DecryptionError             JWE / key unwrap / tag failure; deliberately says nothing more
     ├── InvalidRequest              a local caller sent something malformed
-    └── NotSupported                the request is valid but this agent/TEE cannot serve it
+    ├── NotSupported                the request is valid but this agent/TEE cannot serve it
+    ├── LayerError                  an image layer blob is malformed: compression, tar, digest, unsafe entry
+    └── MountError                  the rootfs overlay cannot be mounted or unmounted (carries `errno`)
 
 Every error's `str()` is safe to show to an RPC caller: it never contains secret material. Every class names its
 own RPC status (`rpc_status`, the same code on gRPC and ttRPC); a test checks that none inherits it silently.
@@ -45,6 +47,8 @@ __all__ = [
     "KbsError",
     "KbsProtocolError",
     "KbsTransportError",
+    "LayerError",
+    "MountError",
     "NotSupported",
     "ResourceNotFound",
     "TeeError",
@@ -199,3 +203,22 @@ class NotSupported(AgentError):
     """A valid request that this agent or TEE does not support."""
 
     rpc_status: ClassVar[StatusCode] = StatusCode.UNIMPLEMENTED
+
+
+class LayerError(AgentError):
+    """An image layer is not what its descriptor says: bad compression or tar, a digest mismatch, an entry
+    that cannot be unpacked safely. Nothing of the layer is kept."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL  # as the reference answers every failed pull
+    advice = "The image or its registry served a malformed layer; check the image with `skopeo inspect`."
+
+
+class MountError(AgentError):
+    """The rootfs overlay could not be mounted or unmounted; `errno` is the kernel's answer."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
+    advice = "Mounting needs root (CAP_SYS_ADMIN) and a kernel with overlayfs."
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -34,6 +34,8 @@ PURE = [
     "secrets/sealed.py",
     "strictjson.py",
     "jws.py",
+    "image/compression.py",
+    "image/ocicrypt.py",
 ]
 FORBIDDEN = {"os", "fcntl", "socket", "asyncio", "httpx", "grpc", "structlog", "subprocess", "threading", "pathlib"}
 
