@@ -20,8 +20,10 @@ while downloading); it verifies everything after that: decryption, decompression
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -35,7 +37,7 @@ import structlog
 
 from agent.errors import LayerError
 from agent.image import ocicrypt
-from agent.image.compression import LayerMediaType, open_decompressed, parse_media_type
+from agent.image.compression import LayerMediaType, Readable, open_decompressed, parse_media_type
 from agent.image.unpack import unpack_layer
 
 __all__ = ["Layer", "LayerStore", "META_FILE", "Unwrap", "OpenBlob"]
@@ -243,7 +245,8 @@ class LayerStore:
             with blob.open("rb", buffering=0) as raw:
                 decrypting = decryptor.reader(raw) if decryptor is not None else None
                 source = open_decompressed(decrypting or raw, kind.compression)
-                result = unpack_layer(source, staging, digest_algorithm=algorithm)
+                with _Prefetcher(source) as prefetched:
+                    result = unpack_layer(prefetched, staging, digest_algorithm=algorithm)
                 if decrypting is not None:
                     decrypting.finish()
             _check_diff_id(result.diff_id, expected, digest)
@@ -272,3 +275,66 @@ def _remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+class _Prefetcher:
+    """Reads `source` in a second thread, a bounded queue ahead of the consumer.
+
+    Decryption and decompression (zlib and zstd release the GIL) then overlap with tar parsing and file
+    writes, as `tar -xz` overlaps gzip and tar in two processes. At most `depth` chunks of `chunk` bytes are
+    buffered. An exception in the reader thread is raised to the consumer at the point it occurred.
+    """
+
+    def __init__(self, source: Readable, *, chunk: int = 1024 * 1024, depth: int = 4) -> None:
+        self._source = source
+        self._chunk = chunk
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._buffer = b""
+        self._offset = 0
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="layer-prefetch", daemon=True)
+
+    def __enter__(self) -> _Prefetcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)  # unblock a producer waiting for room
+        self._thread.join()
+
+    def _run(self) -> None:
+        item: bytes | BaseException
+        while not self._stop.is_set():
+            try:
+                item = self._source.read(self._chunk)
+            except BaseException as exc:  # handed to the consumer thread, which raises it
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self._offset >= len(self._buffer):
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._buffer, self._offset = item, 0
+        end = len(self._buffer) if size < 0 else self._offset + size
+        data = self._buffer[self._offset : end]
+        self._offset += len(data)
+        return data

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ _GNU_LONGNAME = ord("L")
 _GNU_LONGLINK = ord("K")
 _GNU_DUMPDIR = ord("D")
 _GNU_VOLUME = ord("V")
+_OCTAL = re.compile(rb"[0-7]+")
 _REFUSED = {ord("S"): "GNU sparse", ord("M"): "GNU multi-volume", ord("N"): "GNU old long name"}
 
 
@@ -238,9 +240,9 @@ class TarReader:
 
 def _parse_header(block: bytes) -> TarEntry:
     stored = _number(block[148:156], "checksum")
-    unsigned = sum(block[:148]) + 32 * 8 + sum(block[156:])
-    signed = sum((b - 256 if b > 127 else b) for b in block[:148] + block[156:]) + 32 * 8
-    if stored not in (unsigned, signed):
+    unsigned = sum(block) - sum(block[148:156]) + 32 * 8
+    if stored != unsigned and stored != unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127):
+        # the second form is the signed-char sum some old tars wrote
         msg = f"layer tar header checksum is {stored:#o}, expected {unsigned:#o}"
         raise LayerError(msg)
     name = _cstring(block[0:100])
@@ -281,7 +283,7 @@ def _number(field_: bytes, what: str, *, signed: bool = False) -> int:
     text = field_.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
-    if any(c not in b"01234567" for c in text):
+    if not _OCTAL.fullmatch(text):
         msg = f"layer tar header `{what}` is {text[:16]!r}, expected octal digits"
         raise LayerError(msg)
     return int(text, 8)
@@ -495,8 +497,6 @@ class _Extractor:
         if name.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts)
             return
-        if entry.type not in REGULAR and entry.type not in (CHARDEV, BLOCKDEV, FIFO, HARDLINK):
-            self._drop_cache()  # directories, symlinks and the rest may change how cached paths resolve
         if entry.type == _GNU_VOLUME:
             self.skipped += 1
             return
@@ -525,6 +525,8 @@ class _Extractor:
             self._drop_cache()
             shutil.rmtree(name, dir_fd=parent)
         else:
+            if stat.S_ISLNK(st.st_mode):
+                self._drop_cache()  # the cached parent may have been resolved through this link
             os.unlink(name, dir_fd=parent)
         return False
 
