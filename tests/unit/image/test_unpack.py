@@ -4,6 +4,7 @@ kernel's openat2(RESOLVE_IN_ROOT) as the oracle for path resolution, and a hosti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -448,3 +449,50 @@ def test_resolution_matches_openat2_resolve_in_root(
         assert got == expected
     finally:
         os.close(root_fd)
+
+
+_COMPONENTS = st.sampled_from(["a", "b", "l", "..", ".", "", "outside", ".wh.a", ".wh..wh..opq", "secret"])
+
+
+@st.composite
+def _hostile(draw: st.DrawFn, outside: str) -> list[Member]:
+    targets = st.sampled_from(
+        ["/", "..", "../..", "../outside", outside, outside + "/secret", "a", "l/..", "l/l", "secret"]
+    )
+    members = []
+    for _ in range(draw(st.integers(1, 10))):
+        name = "/".join(draw(st.lists(_COMPONENTS, min_size=1, max_size=4)))
+        kind = draw(st.sampled_from(["file", "dir", "symlink", "hardlink"]))
+        if kind == "file":
+            members.append(file(name, b"pwned"))
+        elif kind == "dir":
+            members.append(directory(name))
+        elif kind == "symlink":
+            members.append(symlink(name, draw(targets)))
+        else:
+            members.append(hardlink(name, draw(targets)))
+    return members
+
+
+@needs_root
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_hostile_archives_never_write_outside(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    jail = tmp_path_factory.mktemp("jail")
+    (jail / "outside").mkdir()
+    (jail / "outside" / "secret").write_bytes(b"secret")
+    (jail / "layer").mkdir()
+    members = data.draw(_hostile(str(jail / "outside")))
+    before = outside_snapshot(jail)
+    try:
+        build = build_tar(members)
+    except ValueError:
+        assume(False)
+        raise
+    with contextlib.suppress(LayerError):
+        unpack(build, jail / "layer")
+    assert outside_snapshot(jail) == before
+    assert (jail / "outside" / "secret").stat().st_nlink == 1
+    assert (jail / "outside" / "secret").read_bytes() == b"secret"
