@@ -64,6 +64,8 @@ _GNU_LONGLINK = ord("K")
 _GNU_DUMPDIR = ord("D")
 _GNU_VOLUME = ord("V")
 _OCTAL = re.compile(rb"[0-7]+")
+_MAX_ID = 2**32 - 1  # (uid_t)-1 means "unchanged" to chown(2)
+_MAX_NS = 2**63
 _REFUSED = {ord("S"): "GNU sparse", ord("M"): "GNU multi-volume", ord("N"): "GNU old long name"}
 
 
@@ -225,6 +227,9 @@ class TarReader:
         if long_link is not None:
             entry.linkname = long_link
         _apply_pax(entry, pax, self._limits)
+        if not (0 <= entry.uid < _MAX_ID and 0 <= entry.gid < _MAX_ID) or not -_MAX_NS <= entry.mtime_ns < _MAX_NS:
+            msg = f"layer tar entry uid/gid {entry.uid}/{entry.gid} or mtime is out of range, expected 32-bit ids"
+            raise LayerError(msg)
         for value in (entry.name, entry.linkname):
             if len(value) > self._limits.max_path_bytes or b"\0" in value:
                 msg = f"layer tar entry name or link is {len(value):#x} bytes or holds NUL, expected a path"

@@ -496,3 +496,30 @@ def test_random_hostile_archives_never_write_outside(
     assert outside_snapshot(jail) == before
     assert (jail / "outside" / "secret").stat().st_nlink == 1
     assert (jail / "outside" / "secret").read_bytes() == b"secret"
+
+
+class TestFuzz:
+    @settings(max_examples=200, deadline=None)
+    @given(data=st.binary(max_size=4096))
+    def test_random_bytes_parse_or_raise_layer_error(self, data: bytes) -> None:
+        reader = TarReader(io.BytesIO(data))
+        with contextlib.suppress(LayerError):
+            while reader.next() is not None:
+                reader.read(1 << 20)
+
+    @needs_root
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=6))
+    def test_corrupted_archives_unpack_or_raise_layer_error(
+        self, tmp_path_factory: pytest.TempPathFactory, flips: list[tuple[int, int]]
+    ) -> None:
+        archive = bytearray(build_tar(BENIGN[:10], tarfile.PAX_FORMAT))
+        for offset, value in flips:
+            archive[offset % len(archive)] = value
+        with contextlib.suppress(LayerError):
+            unpack(bytes(archive), tmp_path_factory.mktemp("fuzz") / "l")
+
+    def test_ids_beyond_32_bits_are_refused(self, tmp_path: Path) -> None:
+        archive = build_tar([file("x", uid=2**40)], tarfile.GNU_FORMAT)
+        with pytest.raises(LayerError, match="uid/gid 1099511627776/0 or mtime is out of range"):
+            unpack(archive, tmp_path / "l")
