@@ -96,13 +96,19 @@ class LayerStore:
         layer_db = loaded.get("layer_db") if isinstance(loaded, dict) else None
         image_db = loaded.get("image_db") if isinstance(loaded, dict) else None
         if not isinstance(layer_db, dict) or not isinstance(image_db, dict):
-            # A damaged file loses the cache, never the pull: every layer directory is swept and re-pulled.
+            # A damaged file loses the cache, never the pull: layers are pulled again (see `_sweep` for the old
+            # directories).
             log.warning("image.meta_store.unreadable", path=str(self._meta_path))
             return {"layer_db": {}, "image_db": {}}
         return {"layer_db": layer_db, "image_db": image_db}
 
     def _sweep(self) -> None:
-        """Drop records whose directory is gone; delete staging and unrecorded directories."""
+        """Drop records whose directory is gone; delete staging directories and unrecorded layer directories.
+
+        An unrecorded layer directory that is a lower dir of a mounted overlay (a running container's rootfs, after
+        the metadata file was lost) is kept: deleting it would pull files from under the container. If the mount
+        table cannot be read, only staging directories are deleted.
+        """
         layer_db = self._meta["layer_db"]
         recorded: set[str] = set()
         for digest, record in list(layer_db.items()):
@@ -114,10 +120,15 @@ class LayerStore:
                 del layer_db[digest]
                 continue
             recorded.add(path)
+        in_use = _mounted_lower_dirs()
         for entry in self.layers_dir.iterdir():
-            if entry.name not in recorded:
+            if entry.name in recorded:
+                continue
+            if entry.name.startswith(_STAGING) or (in_use is not None and str(entry) not in in_use):
                 log.info("image.layer.swept", path=str(entry))
                 _remove_tree(entry)
+            else:  # a lower dir of a running container's rootfs (metadata lost): keep it until it is unmounted
+                log.warning("image.layer.unrecorded_in_use", path=str(entry))
 
     def _write_meta(self) -> None:
         data = json.dumps(self._meta, indent=1, sort_keys=True).encode()
@@ -267,6 +278,23 @@ def _check_diff_id(got: str, expected: str | None, digest: str) -> None:
     if expected is not None and got != expected:
         msg = f"layer {digest} has uncompressed digest {got}, expected {expected} (the image config's diff_id)"
         raise LayerError(msg)
+
+
+def _mounted_lower_dirs(mounts: Path = Path("/proc/self/mounts")) -> set[str] | None:
+    """Every `lowerdir` path of the overlays in this mount namespace, or None if the table cannot be read."""
+    try:
+        table = mounts.read_text()
+    except OSError:
+        return None
+    found: set[str] = set()
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 4 or fields[2] != "overlay":
+            continue
+        for option in fields[3].split(","):
+            if option.startswith("lowerdir="):
+                found.update(p.replace("\\040", " ") for p in option[len("lowerdir=") :].split(":"))
+    return found
 
 
 def _remove_tree(path: Path) -> None:

@@ -15,8 +15,9 @@ import pytest
 from backports import zstd
 
 from agent.errors import DecryptionError, LayerError, NotSupported
+from agent.image.mount import mount_rootfs, unmount
 from agent.image.ocicrypt import encrypt_layer
-from agent.image.store import LayerStore
+from agent.image.store import LayerStore, _mounted_lower_dirs
 from agent.keyprovider.service import GuestKeyProvider, WrapKeyProvider
 from tests.unit.image.tarfixtures import build_tar, directory, file, needs_root, symlink
 from tests.unit.keyprovider.test_service import FakeKbs
@@ -167,6 +168,23 @@ class TestCrashSafety:
         assert store.layer(DIGEST) is None
         assert layer_dirs(tmp_path) == []
 
+    @pytest.mark.skipif("overlay" not in Path("/proc/filesystems").read_text(), reason="no overlayfs")
+    async def test_lost_metadata_never_deletes_a_mounted_lower_dir(self, tmp_path: Path) -> None:
+        layer = await LayerStore(tmp_path).ensure_layer(DIGEST, MEDIA, {}, Blobs(tmp_path, GZ), None)
+        bundle = tmp_path / "bundle"
+        rootfs = mount_rootfs([layer.path], bundle, tmp_path / "overlay")
+        try:
+            (tmp_path / "meta_store.json").unlink()
+            store = LayerStore(tmp_path)
+            assert layer_dirs(tmp_path) == ["1"]  # in use by the rootfs: kept
+            assert (rootfs / "etc/hostname").read_bytes() == b"layer\n"
+            again = await store.ensure_layer(DIGEST, MEDIA, {}, Blobs(tmp_path, GZ), None)
+            assert again.path == tmp_path / "layers" / "2"
+        finally:
+            unmount(rootfs, scratch=tmp_path / "overlay")
+        LayerStore(tmp_path)
+        assert layer_dirs(tmp_path) == ["2"]  # unmounted now: swept
+
 
 class TestEncryptedLayers:
     async def encrypted(self) -> tuple[bytes, str, dict[str, str]]:
@@ -210,3 +228,15 @@ class TestEncryptedLayers:
                 layer.digest, layer.media_type, layer.annotations, Blobs(tmp_path, bytes(tampered)), guest.unwrap_key
             )
         assert layer_dirs(tmp_path) == []
+
+
+def test_mount_table_parsing(tmp_path: Path) -> None:
+    table = tmp_path / "mounts"
+    table.write_text(
+        "proc /proc proc rw,nosuid 0 0\n"
+        "overlay /run/kata-containers/c1/rootfs overlay rw,relatime,lowerdir=/w/layers/3:/w/layers/1,"
+        "upperdir=/w/overlay/x/upperdir,workdir=/w/overlay/x/workdir 0 0\n"
+        "overlay /a\\040b overlay rw,lowerdir=/w/with\\040space 0 0\n"
+    )
+    assert _mounted_lower_dirs(table) == {"/w/layers/3", "/w/layers/1", "/w/with space"}
+    assert _mounted_lower_dirs(tmp_path / "missing") is None
