@@ -216,10 +216,20 @@ class LayerStore:
             blob = await open_blob()
             algorithm = diff_id.partition(":")[0] if diff_id else "sha256"
             started = time.monotonic()
+            cancel = threading.Event()
+            work = asyncio.ensure_future(
+                asyncio.to_thread(self._unpack, blob, kind, decryptor, algorithm, diff_id, digest, cancel)
+            )
             try:
-                path, got = await asyncio.to_thread(self._unpack, blob, kind, decryptor, algorithm, diff_id, digest)
+                path, got = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The worker thread cannot be interrupted: tell it to stop at its next chunk, and drop the layer
+                # if it had already finished (it is not recorded, so nothing would ever use or remove it).
+                cancel.set()
+                work.add_done_callback(_discard_unrecorded)
+                raise
             finally:
-                blob.unlink(missing_ok=True)
+                blob.unlink(missing_ok=True)  # the worker keeps its open descriptor
             async with self._meta_lock:
                 self._meta["layer_db"][digest] = {
                     "compressed_digest": digest,
@@ -248,6 +258,7 @@ class LayerStore:
         algorithm: str,
         expected: str | None,
         digest: str,
+        cancel: threading.Event,
     ) -> tuple[Path, str]:
         """Blocking: decrypt → decompress → unpack into staging, verify, then rename into place."""
         staging = self.layers_dir / f"{_STAGING}{secrets.token_hex(8)}"
@@ -256,7 +267,7 @@ class LayerStore:
             with blob.open("rb", buffering=0) as raw:
                 decrypting = decryptor.reader(raw) if decryptor is not None else None
                 source = open_decompressed(decrypting or raw, kind.compression)
-                with _Prefetcher(source) as prefetched:
+                with _Prefetcher(source, cancel=cancel) as prefetched:
                     result = unpack_layer(prefetched, staging, digest_algorithm=algorithm)
                 if decrypting is not None:
                     decrypting.finish()
@@ -272,6 +283,13 @@ class LayerStore:
     def _next_number(self) -> int:
         numbers = [int(p.name) for p in self.layers_dir.iterdir() if p.name.isdigit()]
         return max(numbers, default=0) + 1
+
+
+def _discard_unrecorded(work: asyncio.Future[tuple[Path, str]]) -> None:
+    if work.cancelled() or work.exception() is not None:
+        return  # the worker removed its staging directory itself
+    path = work.result()[0]
+    threading.Thread(target=_remove_tree, args=(path,), name="layer-discard", daemon=True).start()
 
 
 def _check_diff_id(got: str, expected: str | None, digest: str) -> None:
@@ -313,8 +331,11 @@ class _Prefetcher:
     buffered. An exception in the reader thread is raised to the consumer at the point it occurred.
     """
 
-    def __init__(self, source: Readable, *, chunk: int = 1024 * 1024, depth: int = 4) -> None:
+    def __init__(
+        self, source: Readable, *, chunk: int = 1024 * 1024, depth: int = 4, cancel: threading.Event | None = None
+    ) -> None:
         self._source = source
+        self._cancel = cancel or threading.Event()
         self._chunk = chunk
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -338,6 +359,8 @@ class _Prefetcher:
         item: bytes | BaseException
         while not self._stop.is_set():
             try:
+                if self._cancel.is_set():
+                    raise LayerError("layer unpacking was cancelled")  # noqa: EM101 - a fixed text
                 item = self._source.read(self._chunk)
             except BaseException as exc:  # handed to the consumer thread, which raises it
                 item = exc

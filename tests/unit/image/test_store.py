@@ -147,6 +147,31 @@ class TestLayerStore:
         with pytest.raises(NotSupported, match="no key provider"):
             await store.ensure_layer(DIGEST, MEDIA + "+encrypted", {}, never, None)
 
+    async def test_a_cancelled_pull_leaves_no_layer(self, tmp_path: Path) -> None:
+        big = build_tar([file(f"f{i}", bytes(4 * 1024 * 1024)) for i in range(16)])
+        blob = zstd.compress(big)
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        store = LayerStore(tmp_path)
+        started = asyncio.Event()
+
+        async def open_blob() -> Path:
+            started.set()
+            return await Blobs(tmp_path, blob)()
+
+        task = asyncio.ensure_future(store.ensure_layer(digest, MEDIA.replace("gzip", "zstd"), {}, open_blob, None))
+        await started.wait()
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(600):  # the worker stops at its next chunk, or its finished layer is discarded
+            if layer_dirs(tmp_path) == []:
+                break
+            await asyncio.sleep(0.05)
+        assert layer_dirs(tmp_path) == []
+        assert store.layer(digest) is None
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("blob")] == []
+
 
 class TestCrashSafety:
     async def test_staging_and_unrecorded_dirs_are_swept_and_missing_dirs_forgotten(self, tmp_path: Path) -> None:
