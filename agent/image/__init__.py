@@ -16,7 +16,8 @@ Layer side (a verified blob file → a layer directory → a mounted rootfs):
 
 - `compression` gzip (multi-member), zstd and identity decompression by media type; streaming, bounded. Pure.
 - `ocicrypt`    ocicrypt's layer encryption (AES-256-CTR + HMAC-SHA256): annotations, pubopts, keyprovider
-                unwrap, a streaming decryptor that authenticates at the end; the owner-side `encrypt_layer`.
+                unwrap, a streaming decryptor that authenticates at the end. (Encrypting is the image owner's
+                job: `cvm_tools.keyprovider.encrypt`, outside the guest package.)
 - `unpack`      safe tar extraction into a layer directory (every path resolved inside the root, as
                 `openat2(RESOLVE_IN_ROOT)` does), overlayfs whiteouts, diff_id computed while reading.
 - `store`       `LayerStore`: layers under `<work_dir>/layers/`, reused by compressed digest, unpacked once

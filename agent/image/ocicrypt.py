@@ -21,8 +21,8 @@ usable options wins. `LayerDecryptor.reader()` then streams the plaintext. What 
 - the plaintext's digest against the private options' `digest`, at the same point (`LayerError`);
 - a `nonce` in the public options is honoured before the private one, as Go's `GetOpt` does.
 
-`encrypt_layer` is the owner side, producing what `skopeo copy --encryption-key provider:NAME[:PARAM]` does
-(the wrap goes through any `WrapKey` implementation, e.g. `agent.keyprovider.service.WrapKeyProvider`).
+The owner side (`skopeo copy --encryption-key provider:NAME`) is `cvm_tools.keyprovider.encrypt`, outside the
+guest package; it serialises the options with `PublicOptions.to_json` / `PrivateOptions.to_json` from here.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import secrets
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
@@ -50,16 +48,16 @@ __all__ = [
     "PROVIDER_PREFIX",
     "PUBOPTS",
     "DEFAULT_PROVIDER",
+    "SYMKEY_SIZE",
+    "NONCE_SIZE",
     "PublicOptions",
     "PrivateOptions",
+    "parse_public_options",
+    "parse_private_options",
     "LayerDecryptor",
     "DecryptingReader",
-    "EncryptedLayer",
-    "Writable",
     "wrapped_keys",
     "layer_decryptor",
-    "encrypt_layer",
-    "encrypted_media_type",
     "decrypted_media_type",
 ]
 
@@ -76,10 +74,6 @@ MAX_OPTIONS_SIZE = 64 * 1024
 MAX_WRAPPED_KEYS = 16
 
 Unwrap = Callable[[bytes], Awaitable[bytes]]
-
-
-class Writable(Protocol):
-    def write(self, data: bytes, /) -> int: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -187,17 +181,6 @@ def _bytes_map(obj: Mapping[str, object], key: str, what: str) -> dict[str, byte
 
 
 # --- media types ----------------------------------------------------------------------------------------
-
-
-def encrypted_media_type(media_type: str) -> str:
-    """The media type skopeo gives a layer it encrypts (Docker's gzip type becomes OCI's first)."""
-    kind = parse_media_type(media_type)
-    if kind.encrypted:
-        msg = f"layer media type {media_type!r} is already encrypted"
-        raise ValueError(msg)
-    if media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip":
-        media_type = "application/vnd.oci.image.layer.v1.tar+gzip"
-    return media_type + "+encrypted"
 
 
 def decrypted_media_type(media_type: str) -> str:
@@ -386,74 +369,3 @@ class DecryptingReader:
                 self._failed = LayerError(f"decrypted layer digest is {got}, expected {self._digest}")
                 raise self._failed
         self.verified = True
-
-
-# --- encryption (image owner's side) --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EncryptedLayer:
-    """The descriptor fields of an encrypted layer: what skopeo writes into the new manifest."""
-
-    media_type: str
-    digest: str
-    size: int
-    annotations: Mapping[str, str]
-
-
-async def encrypt_layer(
-    source: Readable,
-    sink: Writable,
-    *,
-    media_type: str,
-    wrap: Unwrap,
-    provider: str = DEFAULT_PROVIDER,
-    params: Sequence[bytes] = (b"Enabled",),
-    annotations: Mapping[str, str] | None = None,
-    chunk_size: int = 1024 * 1024,
-    symkey: bytes | None = None,
-    nonce: bytes | None = None,
-) -> EncryptedLayer:
-    """Encrypt one plain layer blob as `skopeo copy --encryption-key provider:<provider>[:<param>]` does.
-
-    Streams `source` (the plain blob) into `sink` (the encrypted blob), then wraps the private options through
-    `wrap` (a `WrapKey` implementation taking and returning key-provider JSON; `params` are the PARAM values,
-    `b"Enabled"` when none is given). Returns the new descriptor's media type, digest, size and annotations
-    (`annotations`, e.g. the original descriptor's, are kept; encryption annotations are added). `symkey` and
-    `nonce` are for known-answer tests only; by default both are random, as in ocicrypt.
-
-    Raises:
-        InvalidRequest: the provider produced no wrapped key (`no wrapped keys produced by encryption`).
-    """
-    key = symkey if symkey is not None else secrets.token_bytes(SYMKEY_SIZE)
-    iv = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
-    if len(key) != SYMKEY_SIZE or len(iv) != NONCE_SIZE:
-        msg = f"symkey must be {SYMKEY_SIZE} bytes and nonce {NONCE_SIZE} bytes"
-        raise ValueError(msg)
-    new_media_type = encrypted_media_type(media_type)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-    mac = crypto_hmac.HMAC(key, hashes.SHA256())
-    plain_digest = hashlib.sha256()
-    blob_digest = hashlib.sha256()
-    size = 0
-    while chunk := source.read(chunk_size):
-        plain_digest.update(chunk)
-        encrypted = encryptor.update(chunk)
-        mac.update(encrypted)
-        blob_digest.update(encrypted)
-        sink.write(encrypted)
-        size += len(encrypted)
-    encryptor.finalize()
-    private = PrivateOptions(symkey=key, digest=f"sha256:{plain_digest.hexdigest()}", cipheroptions={"nonce": iv})
-    public = PublicOptions(cipher=CIPHER, hmac=mac.finalize(), cipheroptions={})
-    reply = await wrap(messages.wrap_request(private.to_json(), {provider: list(params)}))
-    wrapped = messages.parse_reply(reply)
-    if not wrapped:
-        msg = "no wrapped keys produced by encryption"
-        raise InvalidRequest(msg)
-    result = dict(annotations or {})
-    result[PROVIDER_PREFIX + provider] = b64encode_std(wrapped)
-    result[PUBOPTS] = b64encode_std(public.to_json())
-    return EncryptedLayer(
-        media_type=new_media_type, digest=f"sha256:{blob_digest.hexdigest()}", size=size, annotations=result
-    )

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 from backports import zstd
+from cvm_tools.keyprovider.encrypt import encrypt_layer
+from cvm_tools.keyprovider.wrap import WrapKeyProvider
 
 from agent.errors import DecryptionError, LayerError, NotSupported
 from agent.image.mount import mount_rootfs, unmount
-from agent.image.ocicrypt import encrypt_layer
 from agent.image.store import LayerStore, _mounted_lower_dirs
-from agent.keyprovider.service import GuestKeyProvider, WrapKeyProvider
+from agent.keyprovider.service import GuestKeyProvider
 from tests.unit.image.tarfixtures import build_tar, directory, file, needs_root, symlink
 from tests.unit.keyprovider.test_service import FakeKbs
 
