@@ -209,14 +209,14 @@ class LayerError(AgentError):
     """An image layer is not what its descriptor says: bad compression or tar, a digest mismatch, an entry
     that cannot be unpacked safely. Nothing of the layer is kept."""
 
-    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL  # as the reference answers every failed pull
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE  # the registry's data: an upstream failure
     advice = "The image or its registry served a malformed layer; check the image with `skopeo inspect`."
 
 
 class MountError(AgentError):
     """The rootfs overlay could not be mounted or unmounted; `errno` is the kernel's answer."""
 
-    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL  # this guest's kernel or permissions
     advice = "Mounting needs root (CAP_SYS_ADMIN) and a kernel with overlayfs."
 
     def __init__(self, message: str, *, errno: int | None = None) -> None:

@@ -38,6 +38,8 @@ EXPECTED_STATUS = {
     "DecryptionError": StatusCode.INTERNAL,
     "InvalidRequest": StatusCode.INVALID_ARGUMENT,
     "NotSupported": StatusCode.UNIMPLEMENTED,
+    "LayerError": StatusCode.UNAVAILABLE,  # a malformed or hostile layer is the registry's data: upstream
+    "MountError": StatusCode.INTERNAL,
 }
 
 
