@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import io
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,3 +165,10 @@ def openat2_available() -> bool:
     finally:
         os.close(root)
     return True
+
+
+def zstd_compress(data: bytes) -> bytes:
+    """One zstd frame, from the same module the agent uses (stdlib on Python >= 3.14, else the backport)."""
+    module = importlib.import_module("compression.zstd" if sys.version_info >= (3, 14) else "backports.zstd")
+    compressed: bytes = module.compress(data)
+    return compressed

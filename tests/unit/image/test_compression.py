@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from agent.errors import LayerError, NotSupported
 from agent.image.compression import Compression, LayerMediaType, Readable, open_decompressed, parse_media_type
+from tests.unit.image.tarfixtures import zstd_compress
 
 OCI = "application/vnd.oci.image.layer.v1.tar"
 
@@ -154,7 +155,5 @@ def test_any_split_into_members_round_trips(parts: list[bytes], size: int, kind:
     if kind is Compression.GZIP:
         data = b"".join(gzip.compress(p) for p in parts)
     else:
-        from backports import zstd
-
-        data = b"".join(zstd.compress(p) for p in parts)
+        data = b"".join(zstd_compress(p) for p in parts)
     assert read_all(open_decompressed(io.BytesIO(data), kind), size) == b"".join(parts)

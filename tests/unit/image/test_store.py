@@ -12,7 +12,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from backports import zstd
 from cvm_tools.keyprovider.encrypt import encrypt_layer
 from cvm_tools.keyprovider.wrap import WrapKeyProvider
 
@@ -20,7 +19,7 @@ from agent.errors import DecryptionError, LayerError, NotSupported
 from agent.image.mount import mount_rootfs, unmount
 from agent.image.store import LayerStore, _mounted_lower_dirs
 from agent.keyprovider.service import GuestKeyProvider
-from tests.unit.image.tarfixtures import build_tar, directory, file, needs_root, symlink
+from tests.unit.image.tarfixtures import build_tar, directory, file, needs_root, symlink, zstd_compress
 from tests.unit.keyprovider.test_service import FakeKbs
 
 pytestmark = needs_root
@@ -131,7 +130,7 @@ class TestLayerStore:
 
     async def test_zstd_and_uncompressed_layers(self, tmp_path: Path) -> None:
         store = LayerStore(tmp_path)
-        compressed = zstd.compress(TAR)
+        compressed = zstd_compress(TAR)
         zdigest = "sha256:" + hashlib.sha256(compressed).hexdigest()
         z = await store.ensure_layer(zdigest, MEDIA.replace("gzip", "zstd"), {}, Blobs(tmp_path, compressed), None)
         plain_digest = "sha256:" + hashlib.sha256(TAR).hexdigest()
@@ -150,7 +149,7 @@ class TestLayerStore:
 
     async def test_a_cancelled_pull_leaves_no_layer(self, tmp_path: Path) -> None:
         big = build_tar([file(f"f{i}", bytes(4 * 1024 * 1024)) for i in range(16)])
-        blob = zstd.compress(big)
+        blob = zstd_compress(big)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         store = LayerStore(tmp_path)
         started = asyncio.Event()
