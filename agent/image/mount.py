@@ -68,10 +68,13 @@ def mount_rootfs(layers: Sequence[Path], bundle: Path, scratch: Path) -> Path:
     empty upper directory is used on every mount.
 
     Raises:
-        MountError: `rootfs` is already a mount point, or mount(2) failed (EPERM without CAP_SYS_ADMIN, ENODEV
-            without overlayfs, EINVAL for options the kernel refuses).
+        MountError: `rootfs` is a symlink or already a mount point, or mount(2) failed (EPERM without
+            CAP_SYS_ADMIN, ENODEV without overlayfs, EINVAL for options the kernel refuses).
     """
     rootfs = bundle / "rootfs"
+    if rootfs.is_symlink():
+        msg = f"{rootfs} is a symbolic link, expected a directory (mount(2) would follow it)"
+        raise MountError(msg)
     rootfs.mkdir(mode=0o755, parents=True, exist_ok=True)
     if os.path.ismount(rootfs):
         msg = f"{rootfs} is already a mount point, expected an empty directory"

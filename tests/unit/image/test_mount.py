@@ -94,6 +94,15 @@ class TestMount:
         assert not scratch_dir_for(bundle, scratch).exists()
         assert list(rootfs.iterdir()) == []  # kata-agent removes the directory; it must be empty once unmounted
 
+    def test_a_symlinked_rootfs_is_refused(self, tmp_path: Path) -> None:
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        (tmp_path / "elsewhere").mkdir()
+        (bundle / "rootfs").symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(MountError, match="is a symbolic link"):
+            mount_rootfs([tmp_path], bundle, tmp_path / "overlay")
+        assert not os.path.ismount(tmp_path / "elsewhere")
+
     def test_unmount_of_a_plain_directory_is_an_error(self, tmp_path: Path) -> None:
         with pytest.raises(MountError, match=re.escape(f"unmounting {tmp_path} failed: Invalid argument")) as info:
             unmount(tmp_path)

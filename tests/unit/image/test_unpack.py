@@ -342,6 +342,13 @@ class TestHostile:
         assert os.listxattr(tmp_path / "l" / "d") == ["user.ok"]
         assert result.xattrs_skipped == 2  # type: ignore[attr-defined]
 
+    def test_root_entry_sets_the_layer_root(self, tmp_path: Path) -> None:
+        archive = build_tar([directory("./", mode=0o751, uid=7, gid=8, mtime=1_234_567_890), file("./f", b"x")])
+        unpack(archive, tmp_path / "l")
+        st_ = (tmp_path / "l").stat()
+        assert (stat.S_IMODE(st_.st_mode), st_.st_uid, st_.st_gid) == (0o751, 7, 8)
+        assert st_.st_mtime_ns == 1_234_567_890 * 10**9
+
     def test_whiteouts_and_opaque(self, tmp_path: Path) -> None:
         archive = build_tar(
             [
