@@ -8,7 +8,7 @@ AES-256-CTR under a random 32-byte `symkey` and a random 16-byte initial counter
 - `org.opencontainers.image.enc.pubopts`: base64 of the public options, Go `json.Marshal` of
   `{"cipher":"AES_256_CTR_HMAC_SHA256","hmac":"<b64>","cipheroptions":{}}`;
 - `org.opencontainers.image.enc.keys.provider.<name>`: base64 of what the key provider returned when it wrapped
-  the private options `{"symkey":"<b64>","digest":"<plain layer digest>","cipheroptions":{"nonce":"<b64>"}}`
+  the private options `{"symkey":"<b64>","digest":"<source layer digest>","cipheroptions":{"nonce":"<b64>"}}`
   (several wrapped keys under one scheme are joined with `,`).
 
 Decrypting: each wrapped key is sent, as an ocicrypt-rs `keyunwrap` request, to `unwrap` (the data hub's own
@@ -18,7 +18,11 @@ usable options wins. `LayerDecryptor.reader()` then streams the plaintext. What 
 - the HMAC over the whole ciphertext, compared in constant time when the ciphertext ends (`DecryptionError`,
   no detail). Until then the plaintext is **unauthenticated**: callers must write it only where a failure
   removes it (the layer store unpacks into a staging directory that is deleted unless everything verified);
-- the plaintext's digest against the private options' `digest`, at the same point (`LayerError`);
+- the private options' `digest` is **not** checked against the plaintext, as neither Go ocicrypt's users nor
+  image-rs check it: containers/image passes the *source* descriptor's digest to `EncryptLayer`, taken before
+  its compression step, so a layer skopeo recompressed (an uncompressed `docker-archive` source pushed gzip'd,
+  `--dest-compress-format`) legitimately carries another digest. The layer's content is bound by the HMAC and,
+  after decompression, by the image config's diff_id (checked by the layer store);
 - a `nonce` in the public options is honoured before the private one, as Go's `GetOpt` does.
 
 The owner side (`skopeo copy --encryption-key provider:NAME`) is `cvm_tools.keyprovider.encrypt`, outside the
@@ -27,7 +31,6 @@ guest package; it serialises the options with `PublicOptions.to_json` / `Private
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -93,7 +96,7 @@ class PublicOptions:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrivateOptions:
-    """The wrapped secret: the layer key, the plain layer digest and the cipher options (the nonce)."""
+    """The wrapped secret: the layer key, the source layer's digest and the cipher options (the nonce)."""
 
     symkey: bytes = field(repr=False)
     digest: str
@@ -294,40 +297,27 @@ class LayerDecryptor:
         self._symkey = private.symkey
         self._nonce = nonce
         self._hmac = public.hmac
-        self.digest = _check_digest(private.digest)
-        """The plain (still compressed) layer's digest the owner recorded; empty if none was."""
+        self.digest = private.digest
+        """The source descriptor's digest the encrypting tool recorded (informational, see the module docstring)."""
 
     def reader(self, source: Readable) -> DecryptingReader:
         """The plaintext of the ciphertext `source`; see `DecryptingReader`."""
-        return DecryptingReader(source, self._symkey, self._nonce, self._hmac, self.digest)
-
-
-def _check_digest(digest: str) -> str:
-    if not digest:
-        return ""
-    algorithm, _, hexpart = digest.partition(":")
-    size = {"sha256": 64, "sha512": 128}.get(algorithm)
-    if size is None or len(hexpart) != size or any(c not in "0123456789abcdef" for c in hexpart):
-        msg = f"unwrapped layer options `digest` is {digest[:80]!r}, expected sha256:<64 hex> or sha512:<128 hex>"
-        raise LayerError(msg)
-    return digest
+        return DecryptingReader(source, self._symkey, self._nonce, self._hmac)
 
 
 class DecryptingReader:
     """AES-256-CTR plaintext of a ciphertext stream, authenticated when the ciphertext ends.
 
-    `read(n)` returns at most `n` plaintext bytes. When the source is exhausted the HMAC and the plaintext digest
-    are checked before `b""` is returned; a failure raises (and keeps raising) instead. `verified` tells whether
+    `read(n)` returns at most `n` plaintext bytes. When the source is exhausted the HMAC is checked before `b""`
+    is returned; a failure raises (and keeps raising) instead. `verified` tells whether
     that point was reached successfully; `finish()` reads any rest and makes sure it was.
     """
 
-    def __init__(self, source: Readable, symkey: bytes, nonce: bytes, expected_hmac: bytes, digest: str) -> None:
+    def __init__(self, source: Readable, symkey: bytes, nonce: bytes, expected_hmac: bytes) -> None:
         self._source = source
         self._decryptor = Cipher(algorithms.AES(symkey), modes.CTR(nonce)).decryptor()
         self._mac = crypto_hmac.HMAC(symkey, hashes.SHA256())
         self._expected = expected_hmac
-        self._digest = digest
-        self._plain = hashlib.new(digest.partition(":")[0]) if digest else None
         self._failed: AgentError | None = None
         self.verified = False
         self.ciphertext_size = 0
@@ -347,10 +337,7 @@ class DecryptingReader:
             return b""
         self.ciphertext_size += len(data)
         self._mac.update(data)
-        plain = self._decryptor.update(data)
-        if self._plain is not None:
-            self._plain.update(plain)
-        return plain
+        return self._decryptor.update(data)
 
     def finish(self) -> None:
         """Read the rest of the ciphertext (discarding it) and raise unless the layer authenticated."""
@@ -363,9 +350,4 @@ class DecryptingReader:
         if not hmac.compare_digest(tag, self._expected):
             self._failed = DecryptionError("encrypted layer failed authentication (HMAC mismatch)")
             raise self._failed
-        if self._plain is not None:
-            got = f"{self._digest.partition(':')[0]}:{self._plain.hexdigest()}"
-            if got != self._digest:
-                self._failed = LayerError(f"decrypted layer digest is {got}, expected {self._digest}")
-                raise self._failed
         self.verified = True
