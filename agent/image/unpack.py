@@ -172,12 +172,6 @@ class TarReader:
             self._read_exact(self._pad, "padding")
             self._pad = 0
 
-    def drain(self) -> None:
-        """Hash whatever follows (there is nothing after the end for this reader; kept for callers' symmetry)."""
-        while chunk := self._source.read(_COPY_CHUNK):
-            self._hash.update(chunk)
-            self.size += len(chunk)
-
     def next(self) -> TarEntry | None:  # noqa: PLR0915 - one header state machine, read top to bottom
         self._skip_data()
         pax: dict[str, bytes] = {}
@@ -390,8 +384,7 @@ def unpack_layer(
                 shown = os.fsdecode(entry.name)[:200]
                 msg = f"layer entry {shown!r} cannot be unpacked: {exc.strerror or exc}"
                 raise LayerError(msg) from exc
-        reader.drain()
-        extractor.finish()
+        extractor.finish()  # next() returned None: the stream was read to its very end
     finally:
         os.close(root)
     return UnpackResult(
