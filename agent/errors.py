@@ -19,7 +19,12 @@ Domain errors mean the world is wrong (bad data, hardware, peers); misuse by a c
     ├── InvalidResourceUri          a `kbs:///repo/type/tag` URI that does not parse
     ├── DecryptionError             JWE / key unwrap / tag failure; deliberately says nothing more
     ├── InvalidRequest              a local caller sent something malformed
+    │   └── InvalidImageReference   an image reference that does not parse
     ├── NotSupported                the request is valid but this agent/TEE cannot serve it
+    ├── ImageError                  guest image pull (carries the reference's "Image Pull error" wording)
+    │   ├── RegistryError           the registry is unreachable or answered an error status (`status`)
+    │   ├── ImageFormatError        a manifest, index, config or blob is malformed, oversized or fails its digest
+    │   └── ImageRejected           the signature policy or a registry rule refused the image
     ├── LayerError                  an image layer blob is malformed: compression, tar, digest, unsafe entry
     └── MountError                  the rootfs overlay cannot be mounted or unmounted (carries `errno`)
 
@@ -42,6 +47,10 @@ __all__ = [
     "DeviceError",
     "EvidenceMismatch",
     "EvidenceParseError",
+    "ImageError",
+    "ImageFormatError",
+    "ImageRejected",
+    "InvalidImageReference",
     "InvalidRequest",
     "InvalidResourceUri",
     "KbsError",
@@ -50,6 +59,7 @@ __all__ = [
     "LayerError",
     "MountError",
     "NotSupported",
+    "RegistryError",
     "ResourceNotFound",
     "TeeError",
     "TeeUnavailable",
@@ -222,3 +232,40 @@ class MountError(AgentError):
     def __init__(self, message: str, *, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class InvalidImageReference(InvalidRequest):
+    """An image reference that is not `[registry/]repository[:tag][@digest]` (the reference's "Illegal image
+    reference")."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INVALID_ARGUMENT
+
+
+class ImageError(AgentError):
+    """Base for guest image pull failures."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
+
+    advice = "Check the image reference, the registry configuration ([image] keys) and the registry's log."
+
+
+class RegistryError(ImageError):
+    """The registry could not be reached, timed out, or answered an error status (`status`, 0 when none)."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ImageFormatError(ImageError):
+    """A manifest, index, image config or blob is malformed, oversized, or does not match its digest."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE  # the registry's data: an upstream failure
+
+
+class ImageRejected(ImageError):
+    """The image security policy or a registry `blocked` rule refused the image."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.PERMISSION_DENIED

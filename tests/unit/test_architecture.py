@@ -36,6 +36,11 @@ PURE = [
     "jws.py",
     "image/compression.py",
     "image/ocicrypt.py",
+    "image/reference.py",
+    "image/manifest.py",
+    "image/registries.py",
+    "image/auth.py",
+    "image/policy.py",
 ]
 FORBIDDEN = {"os", "fcntl", "socket", "asyncio", "httpx", "grpc", "structlog", "subprocess", "threading", "pathlib"}
 
