@@ -137,9 +137,13 @@ def _cdh_methods(hub: DataHub) -> list[Method]:
         msg = "SecureMount is not supported by cvm-agent"
         raise errors.NotSupported(msg)
 
-    async def pull_image(_req: api_pb2.ImagePullRequest) -> Message:
-        msg = "PullImage is not supported by cvm-agent; pull images with the container runtime"
-        raise errors.NotSupported(msg)
+    async def pull_image(req: api_pb2.ImagePullRequest) -> Message:
+        try:
+            digest = await hub.pull_image(req.image_url, req.bundle_path)
+        except errors.AgentError as exc:
+            exc.args = (f"Image Pull error: {exc}",)  # the reference's wording, which operators search logs for
+            raise
+        return api_pb2.ImagePullResponse(manifest_digest=digest)
 
     return [
         Method(RESOURCE_SERVICE, "GetResource", api_pb2.GetResourceRequest, get_resource),

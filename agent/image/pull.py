@@ -23,7 +23,7 @@ import os
 import platform as platform_module
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +52,7 @@ from agent.image.registries import (
     pull_tasks,
 )
 from agent.image.registry import Deadline, ProxyConfig, RegistryClient, RegistrySession
+from agent.image.settings import ImageConfig as PullSettings
 from agent.image.store import Layer, LayerStore
 
 __all__ = ["ImagePuller", "PullProgress", "PullSettings", "measurement_content"]
@@ -64,24 +65,6 @@ Measure = Callable[[str, str], Awaitable[None]]
 MAX_LOCAL_RESOURCE = 1024 * 1024
 MAX_BUNDLE_PATH = 4096
 DOWNLOADS = "downloads"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PullSettings:
-    """The reference `[image]` keys (image-pull.md §4) plus cvm-agent's pull deadline."""
-
-    work_dir: str = "/run/kata-containers/image"
-    image_security_policy_uri: str | None = None
-    image_security_policy: str | None = None
-    authenticated_registry_credentials_uri: str | None = None
-    registry_configuration_uri: str | None = None
-    registry_config: Mapping[str, object] | None = None
-    max_concurrent_layer_downloads_per_image: int = 3
-    https_proxy: str | None = None
-    http_proxy: str | None = None
-    no_proxy: str | None = None
-    extra_root_certificates: tuple[str, ...] = ()
-    pull_timeout_s: float = 1200.0
 
 
 @dataclass

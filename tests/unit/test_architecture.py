@@ -41,6 +41,7 @@ PURE = [
     "image/registries.py",
     "image/auth.py",
     "image/policy.py",
+    "image/settings.py",
 ]
 FORBIDDEN = {"os", "fcntl", "socket", "asyncio", "httpx", "grpc", "structlog", "subprocess", "threading", "pathlib"}
 
