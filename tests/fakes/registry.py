@@ -378,7 +378,8 @@ class FlakyProxy:
 
     `faults` maps a path substring to a list of faults applied to successive matching requests:
     "reset" (close with RST after the head), "503", "500", "truncate" (half the body, then close), "corrupt" (one
-    byte flipped, same length), "stall" (no answer for 30 s). Requests after the list is used up pass through.
+    byte flipped, same length), "stall" (no answer for 30 s), "delay" (answer after 2 s). Requests after the
+    list is used up pass through.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -432,7 +433,10 @@ class FlakyProxy:
                     break
                 if not line.lower().startswith((b"connection:", b"keep-alive:")):
                     headers.append(line)
-            path = request_line.split(b" ")[1].decode()
+            parts = request_line.split(b" ")
+            if len(parts) != 3:  # not HTTP (a TLS hello): drop the connection
+                return
+            path = parts[1].decode(errors="replace")
             fault = self._fault_for(path)
             if fault in ("503", "500"):
                 client.sendall(f"HTTP/1.1 {fault} Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
@@ -440,7 +444,10 @@ class FlakyProxy:
             if fault == "stall":
                 time.sleep(30)
                 return
-            head, body = self._forward(request_line, headers)
+            if fault == "delay":
+                time.sleep(2)
+            length = next((int(h.split(b":", 1)[1]) for h in headers if h.lower().startswith(b"content-length:")), 0)
+            head, body = self._forward(request_line, headers, reader.read(length) if length else b"")
             if fault == "reset":
                 client.setsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + (0).to_bytes(4, "little")
@@ -456,11 +463,11 @@ class FlakyProxy:
             client.sendall(head + body)
             return
 
-    def _forward(self, request_line: bytes, headers: list[bytes]) -> tuple[bytes, bytes]:
+    def _forward(self, request_line: bytes, headers: list[bytes], request_body: bytes) -> tuple[bytes, bytes]:
         with socket.create_connection(("127.0.0.1", self.upstream_port), timeout=30) as upstream:
             host = f"Host: 127.0.0.1:{self.upstream_port}\r\n".encode()
             rest = [h for h in headers if not h.lower().startswith(b"host:")]
-            upstream.sendall(request_line + host + b"".join(rest) + b"Connection: close\r\n\r\n")
+            upstream.sendall(request_line + host + b"".join(rest) + b"Connection: close\r\n\r\n" + request_body)
             data = b""
             while chunk := upstream.recv(1 << 16):
                 data += chunk
