@@ -221,7 +221,8 @@ class App:
             if config.socket is not None:
                 from agent.api.grpc_server import GrpcServer
 
-                self._grpc = GrpcServer(build_methods(self.aa, self.hub), [config.socket, *config.grpc_listen])
+                methods = build_methods(self.aa, self.hub, extensions=True)  # + cvm-agent's own (pull progress)
+                self._grpc = GrpcServer(methods, [config.socket, *config.grpc_listen])
                 await self._grpc.start()
             from agent.api.ttrpc_service import build_ttrpc_server
 

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_image_commands(sub)
 
+    from agent.image import command
+
+    command.add_parser(sub, _EPILOG)
     sub.add_parser("version", help="print the version")
     for subparser in sub.choices.values():  # a bad flag is reported with the subcommand's own usage
         subparser.set_defaults(command_parser=subparser)
@@ -414,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             print(json.dumps(_load_config(args).describe(), indent=2))
             return EXIT_OK
+        if args.command == "pull":
+            from agent.image import command
+
+            return command.run(args, args.socket or _socket_default())
         return _client(args)
     except ConfigError as exc:
         _error(str(exc))

@@ -192,6 +192,13 @@ class DataHub:
         """Pull, verify, unpack and mount `image_url` at `<bundle_path>/rootfs`; the platform manifest digest."""
         return await self.images.pull(image_url, bundle_path)
 
+    def pull_progress(self, bundle_path: str) -> dict[str, object] | None:
+        """The progress of the pull into `bundle_path`, if one runs (for `cvm-agent pull`)."""
+        if self._puller is None:
+            return None
+        state = self._puller.in_flight.get(bundle_path)
+        return state.describe() if state is not None else None
+
     async def aclose(self) -> None:
         if self._puller is not None:
             await self._puller.aclose()

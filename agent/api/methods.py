@@ -6,6 +6,7 @@ move bytes: gRPC (`agent.api.grpc_server`) and ttRPC call `Method.invoke(request
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -182,11 +183,24 @@ def keyprovider_methods(*, wrap: KeyProviderHandler | None, unwrap: KeyProviderH
     ]
 
 
-def build_methods(aa: AttestationAgent | None, hub: DataHub | None) -> list[Method]:
-    """Every method this process serves."""
+def agent_methods(hub: DataHub) -> list[Method]:
+    """cvm-agent's own methods (its gRPC socket only): `cvm_agent.ImagePull/Progress`, the progress of the pull
+    into a bundle as JSON (`GetResourceRequest.ResourcePath` = bundle path; empty when no such pull runs)."""
+
+    async def progress(req: api_pb2.GetResourceRequest) -> Message:
+        state = hub.pull_progress(req.ResourcePath)
+        return api_pb2.GetResourceResponse(Resource=json.dumps(state).encode() if state is not None else b"")
+
+    return [Method("cvm_agent.ImagePull", "Progress", api_pb2.GetResourceRequest, progress)]
+
+
+def build_methods(aa: AttestationAgent | None, hub: DataHub | None, *, extensions: bool = False) -> list[Method]:
+    """Every method this process serves; `extensions` adds cvm-agent's own (not on the reference sockets)."""
     methods: list[Method] = []
     if aa is not None:
         methods += _aa_methods(aa)
     if hub is not None:
         methods += _cdh_methods(hub) + keyprovider_methods(wrap=None, unwrap=hub.unwrap_key)
+        if extensions:
+            methods += agent_methods(hub)
     return methods
