@@ -43,6 +43,25 @@ _RETRY_STATUS = {429, 500, 502, 503, 504}
 _TRANSIENT = (httpx.TransportError,)  # connect, read, write, pool, protocol (reset, truncated) and timeouts
 DEFAULT_TOKEN_TTL_S = 60.0
 CHUNK = 256 * 1024
+MAX_SMALL_BODY = 64 * 1024  # probes and error bodies
+MAX_TOKEN_BYTES = 64 * 1024
+
+
+async def _read_bounded(response: httpx.Response, limit: int, url: str) -> bytes:
+    """Read a streamed response body, at most `limit` bytes; an oversized 200 body is an `ImageFormatError`."""
+    body = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                if response.status_code == 200:
+                    msg = f"{url} answered more than {limit} bytes, expected at most {limit}"
+                    raise ImageFormatError(msg)
+                del body[limit:]
+                break
+    finally:
+        await response.aclose()
+    return bytes(body)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,7 +177,7 @@ class RegistrySession:
                 return auth.header
             if auth.probed and not renew and (auth.header is None or time.monotonic() < auth.expires):
                 return auth.header
-            response = await self._send("GET", f"{self._scheme}://{self.reference.api_host}/v2/", auth=False)
+            response, _ = await self._send("GET", f"{self._scheme}://{self.reference.api_host}/v2/", auth=False)
             auth.probed = True
             challenge = parse_challenge(response.headers.get("www-authenticate", ""))
             if response.status_code != 401 or challenge is None:
@@ -185,12 +204,14 @@ class RegistrySession:
                 return None, 0.0
             headers["Authorization"] = self._credentials.basic_header()
         try:
-            response = await self._http.get(realm, params=query, headers=headers)
+            request = self._http.build_request("GET", realm, params=query, headers=headers)
+            response = await self._http.send(request, stream=True)
+            body = await _read_bounded(response, MAX_TOKEN_BYTES, realm)
             if response.status_code != 200:
                 log.warning("registry.token_refused", registry=self.reference.registry, status=response.status_code)
                 return None, 0.0
-            token, expires_in = parse_token_reply(response.content)
-        except (httpx.HTTPError, InvalidRequest) as exc:
+            token, expires_in = parse_token_reply(body)
+        except (httpx.HTTPError, InvalidRequest, ImageFormatError) as exc:
             # As the reference: a token failure is not fatal here; the request then fails with the registry's 401.
             log.warning("registry.token_failed", registry=self.reference.registry, error=type(exc).__name__)
             return None, 0.0
@@ -199,9 +220,17 @@ class RegistrySession:
 
     # -- requests -------------------------------------------------------------------------------------------
     async def _send(
-        self, method: str, url: str, *, auth: bool = True, headers: Mapping[str, str] | None = None
-    ) -> httpx.Response:
-        """One request with retries; the body is read (use only for small documents and probes)."""
+        self,
+        method: str,
+        url: str,
+        *,
+        auth: bool = True,
+        headers: Mapping[str, str] | None = None,
+        limit: int = MAX_SMALL_BODY,
+    ) -> tuple[httpx.Response, bytes]:
+        """One request with retries, and its body read up to `limit` bytes (small documents and probes only).
+
+        A 200 answer larger than `limit` raises `ImageFormatError`; other answers are cut at `limit`."""
         attempt = 0
         renewed = False
         while True:
@@ -213,7 +242,9 @@ class RegistrySession:
                     request_headers["Authorization"] = authorization
             try:
                 async with asyncio.timeout(max(self._deadline.remaining(), 0.001)):
-                    response = await self._http.request(method, url, headers=request_headers)
+                    request = self._http.build_request(method, url, headers=request_headers)
+                    response = await self._http.send(request, stream=True)
+                    body = await _read_bounded(response, limit, url)
             except (*_TRANSIENT, TimeoutError) as exc:
                 attempt = await self._backoff(attempt, f"{method} {url}", type(exc).__name__)
                 continue
@@ -224,7 +255,7 @@ class RegistrySession:
                 renewed = True
                 await self._authorization(renew=True)
                 continue
-            return response
+            return response, body
 
     async def _backoff(self, attempt: int, what: str, reason: str) -> int:
         delay = min(0.1 * 2**attempt, 2.0)
@@ -236,10 +267,10 @@ class RegistrySession:
         return attempt + 1
 
     @staticmethod
-    def _fail(response: httpx.Response, what: str) -> RegistryError:
+    def _fail(response: httpx.Response, body: bytes, what: str) -> RegistryError:
         detail = ""
         try:
-            errors = json.loads(response.content[:4096]).get("errors", [])
+            errors = json.loads(body[:4096]).get("errors", [])
             detail = f": {errors[0].get('code')} {errors[0].get('message')}"[:200] if errors else ""
         except (ValueError, AttributeError, IndexError, TypeError):
             pass
@@ -249,13 +280,9 @@ class RegistrySession:
     async def get_manifest(self, reference: str) -> tuple[bytes, str | None, str]:
         """A manifest or index by tag or digest: (body, content type, verified digest)."""
         url = f"{self.base}/manifests/{reference}"
-        response = await self._send("GET", url, headers={"Accept": ACCEPT})
+        response, body = await self._send("GET", url, headers={"Accept": ACCEPT}, limit=MAX_MANIFEST_BYTES)
         if response.status_code != 200:
-            raise self._fail(response, f"manifest {self.reference.name}:{reference}")
-        body = response.content
-        if len(body) > MAX_MANIFEST_BYTES:
-            msg = f"manifest is {len(body)} bytes, expected at most {MAX_MANIFEST_BYTES}"
-            raise ImageFormatError(msg)
+            raise self._fail(response, body, f"manifest {self.reference.name}:{reference}")
         header = response.headers.get("docker-content-digest")
         expected = reference if ":" in reference else header
         algorithm = expected.partition(":")[0] if expected else "sha256"
@@ -274,10 +301,9 @@ class RegistrySession:
         if descriptor.size > limit:
             msg = f"blob {descriptor.digest} is {descriptor.size} bytes, expected at most {limit}"
             raise ImageFormatError(msg)
-        response = await self._send("GET", f"{self.base}/blobs/{descriptor.digest}")
+        response, body = await self._send("GET", f"{self.base}/blobs/{descriptor.digest}", limit=descriptor.size)
         if response.status_code != 200:
-            raise self._fail(response, f"blob {descriptor.digest}")
-        body = response.content
+            raise self._fail(response, body, f"blob {descriptor.digest}")
         if len(body) != descriptor.size:
             msg = f"blob {descriptor.digest} is {len(body)} bytes, expected {descriptor.size}"
             raise ImageFormatError(msg)
@@ -333,8 +359,9 @@ class RegistrySession:
                 await self._authorization(renew=True)
                 raise _Retry.status(401)
             if response.status_code != 200:
-                await response.aread()
-                raise self._fail(response, f"blob {descriptor.digest}")
+                raise self._fail(
+                    response, await _read_bounded(response, MAX_SMALL_BODY, url), f"blob {descriptor.digest}"
+                )
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
                 try:
