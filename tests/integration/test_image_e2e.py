@@ -11,6 +11,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -297,3 +298,67 @@ async def test_measurement_without_aa_socket_is_skipped(tmp_path: Path) -> None:
     measurement = AaMeasurementClient(str(tmp_path / "absent.sock"))
     assert await measurement.extend("d", "PullImage", "{}") == MeasurementResult.NOT_ENABLED
     assert aa_pb.ExtendRuntimeMeasurementRequest(Domain="d").Domain == "d"
+
+
+class RecordingAa(AttestationAgent):
+    """The attestation agent of the separate AA process, recording the events the CDH sends over ttRPC."""
+
+    events: ClassVar[list[tuple[str, str, str]]] = []
+
+    async def extend_runtime_measurement(
+        self, domain: str, operation: str, content: str, register_index: int | None
+    ) -> MeasurementResult:
+        RecordingAa.events.append((domain, operation, content))
+        return MeasurementResult.OK
+
+
+async def test_drop_in_cdh_as_kata_launches_it(guest: Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference layout: an attestation-agent process (passport tokens, events) and a confidential-data-hub
+    built from its own cdh.toml by the composition root, PullImage on its cdh.sock; the layer key comes through
+    the AA's token (cc_kbc), the event reaches the AA over ttRPC."""
+    from agent.app import App
+    from agent.compat import cdh
+    from agent.config import Config, KbsConfig
+
+    aa_socket = str(tmp_path / "aa2.sock")
+    cdh_socket = str(tmp_path / "cdh2.sock")
+    monkeypatch.setattr("agent.service.AttestationAgent", RecordingAa)
+    aa_app = App(
+        Config(socket=None, ttrpc_aa_socket=aa_socket, kbs=KbsConfig(url=f"http://{guest.kbs.host}")),
+        attester=SampleAttester(),
+    )
+    await aa_app.start()
+    await aa_app.complete_startup()
+    conf = tmp_path / "cdh.toml"
+    conf.write_text(
+        f'socket = "unix://{cdh_socket}"\n[aa]\naa_socket = "unix://{aa_socket}"\n'
+        f'[kbc]\nname = "cc_kbc"\nurl = "http://{guest.kbs.host}"\n'
+        f'[image]\nwork_dir = "{tmp_path / "cdh-work"}"\n'
+        'image_security_policy_uri = "kbs:///default/security-policy/test"\n'
+        f'[[image.registry_config.registry]]\nlocation = "{guest.registry.host}"\ninsecure = true\n'
+    )
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=hvc0\n")
+    monkeypatch.setenv("OCICRYPT_KEYPROVIDER_CONFIG", str(tmp_path / "absent-ocicrypt.json"))
+    args = cdh.build_parser().parse_args(["-c", str(conf), "--kernel-cmdline", str(cmdline)])
+    config, _level = cdh.to_config(args)
+    assert config.image.work_dir == str(tmp_path / "cdh-work")
+    cdh_app = App(config)
+    await cdh_app.start()
+    await cdh_app.complete_startup()
+    bundle = tmp_path / "run" / "dropin"
+    bundle.mkdir(parents=True)
+    try:
+        request = api_pb2.ImagePullRequest(image_url=guest.url, bundle_path=str(bundle))
+        async with TtrpcClient(cdh_socket) as client:
+            reply = await client.call(CDH, "PullImage", request.SerializeToString(), timeout=60)
+        digest = api_pb2.ImagePullResponse.FromString(reply).manifest_digest
+        assert digest == guest.digest
+        assert snapshot(bundle / "rootfs") == expected_rootfs()
+        assert RecordingAa.events == [
+            ("github.com/confidential-containers", "PullImage", f'{{"image":"{guest.url}", "digest":"{digest}"}}')
+        ]
+    finally:
+        cleanup_mount(bundle, tmp_path / "cdh-work" / "overlay")
+        await cdh_app.close()
+        await aa_app.close()
