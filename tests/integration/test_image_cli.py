@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -133,3 +135,25 @@ def test_progress_line() -> None:
         }
     )
     assert line == "pulling layers: layers 1/3, 3.0 MiB of 10.0 MiB, 1.5 MiB/s, 2 s"
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_progress_line_on_a_tty(
+    agent: tuple[str, FlakyProxy], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    socket, proxy = agent
+    proxy.faults = {"/blobs/": ["delay"] * 3}
+    terminal = FakeTty()
+    monkeypatch.setattr("sys.stderr", terminal)
+    code = await asyncio.to_thread(
+        cli.main, ["pull", "--socket", socket, f"{proxy.host}/cli/app:v1", str(tmp_path / "t")]
+    )
+    assert code == 0
+    drawn = terminal.getvalue()
+    assert "\r\x1b[2K" in drawn  # the line is redrawn in place
+    assert re.search(r"(resolving|checking policy|pulling layers|mounting): layers \d/1, ", drawn), drawn
+    assert drawn.endswith("\r\x1b[2K")  # and cleared at the end
