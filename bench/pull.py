@@ -8,8 +8,9 @@ files in total (half random, half text, so gzip has work to do). In the same run
 - measured: `PullImage` on a `cvm-agent serve` process (sample TEE) into an empty work dir, until the overlay is
   mounted (needs root and overlayfs), and the agent's idle RSS and peak RSS (`VmHWM`) around the pull.
 
-Reported: both times, the throughput ratio floor_time / pull_time (goal >= 0.8), and peak - idle RSS (goal <=
-64 MiB). `python -m bench.pull [--size-mib 1024] [--layers 4]`.
+Floor and pull alternate for `--rounds` rounds (medians reported; the largest RSS growth). Reported: both
+times, the throughput ratio floor_time / pull_time (goal >= 0.8), and peak - idle RSS (goal <= 64 MiB).
+`python -m bench.pull [--size-mib 1024] [--layers 4] [--rounds 3]`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pull")
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     reason = registry_available() or (None if os.geteuid() == 0 else "mounting needs root")
     if reason:
@@ -173,13 +176,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"{registry.url}/v2/{repo}/manifests/v1", content=manifest, headers={"Content-Type": OCI_MANIFEST}
                 )
                 assert response.status_code == 201, response.text
-            floor_dir = root / "floor"
-            floor_dir.mkdir()
-            floor_s = floor(registry.url, repo, layers, floor_dir)
-            shutil.rmtree(floor_dir)
-            pull_s, idle, peak = pull_with_agent(root, registry, repo)
+            floors, pulls, growth = [], [], []
+            for round_ in range(args.rounds):  # alternated, so a change in machine load hits both sides
+                floor_dir = root / "floor"
+                floor_dir.mkdir()
+                floors.append(floor(registry.url, repo, layers, floor_dir))
+                shutil.rmtree(floor_dir)
+                pull_s, idle, peak = pull_with_agent(root / f"round{round_}", registry, repo)
+                pulls.append(pull_s)
+                growth.append((idle, peak))
+            floor_s, pull_s = statistics.median(floors), statistics.median(pulls)
+            idle, peak = max(growth, key=lambda g: g[1] - g[0])
     mib = compressed / CHUNK
-    print(f"image: {args.layers} layers, {args.size_mib} MiB unpacked, {mib:.0f} MiB compressed")
+    print(
+        f"image: {args.layers} layers, {args.size_mib} MiB unpacked, {mib:.0f} MiB compressed; medians of {args.rounds}"
+    )
     print(f"floor (httpx download + tar -xzf, 3 at once): {floor_s:6.2f} s  {mib / floor_s:6.1f} MiB/s")
     print(f"PullImage (cvm-agent serve, to mounted rootfs): {pull_s:6.2f} s  {mib / pull_s:6.1f} MiB/s")
     print(f"throughput ratio floor/pull: {floor_s / pull_s:.2f} (goal >= 0.8)")
@@ -191,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def pull_with_agent(root: Path, registry: Registry, repo: str) -> tuple[float, int, int]:
+    """One pull by a fresh agent into a fresh work dir: (seconds, idle RSS KiB, peak RSS KiB)."""
+    root.mkdir()
     socket = root / "agent.sock"
     work = root / "work"
     bundle = root / "bundle"

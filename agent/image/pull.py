@@ -334,29 +334,52 @@ class ImagePuller:
         progress.bytes_total = sum(d.size for d, _ in unique.values())
         downloads = self.work_dir / DOWNLOADS
         await asyncio.to_thread(downloads.mkdir, mode=0o700, parents=True, exist_ok=True)
-        limit = asyncio.Semaphore(max(1, self._settings.max_concurrent_layer_downloads_per_image))
+        # `max_concurrent_layer_downloads_per_image` bounds downloads; layers that have arrived unpack while the
+        # next ones download, one per CPU. At most downloads + CPUs blob files exist at once (the work dir is often
+        # a tmpfs: blobs there are guest memory).
+        downloads_max = max(1, self._settings.max_concurrent_layer_downloads_per_image)
+        cpus = os.cpu_count() or 1
+        download_slots = asyncio.Semaphore(downloads_max)
+        unpack_slots = asyncio.Semaphore(cpus)
+        layer_slots = asyncio.Semaphore(downloads_max + cpus)
 
         def count(n: int) -> None:
             progress.bytes_done += n
 
-        async def one(descriptor: mf.Descriptor, diff_id: str) -> Layer:
-            async def open_blob() -> Path:
-                target = downloads / f"blob-{secrets.token_hex(8)}"
+        async def fetch(descriptor: mf.Descriptor) -> Path:
+            target = downloads / f"blob-{secrets.token_hex(8)}"
+            async with download_slots:
                 await session.download_blob(descriptor, target, count)
-                return target
+            return target
 
-            async with limit:
-                stored = setup.store.layer(descriptor.digest)
-                if stored is not None:
-                    count(descriptor.size)
-                layer = await setup.store.ensure_layer(
-                    descriptor.digest,
-                    descriptor.media_type,
-                    descriptor.annotations,
-                    open_blob,
-                    self._unwrap,
-                    diff_id=diff_id,
-                )
+        async def one(descriptor: mf.Descriptor, diff_id: str) -> Layer:
+            async with layer_slots:
+                # Download before queueing for an unpack slot, so downloads overlap unpacking; the store still
+                # decides (under its per-digest lock) whether the blob is needed at all.
+                blob: Path | None = None
+                if setup.store.layer(descriptor.digest) is not None:
+                    count(descriptor.size)  # reused: counts as done for the progress line
+                else:
+                    blob = await fetch(descriptor)
+
+                async def open_blob() -> Path:
+                    nonlocal blob
+                    path, blob = blob, None
+                    return path if path is not None else await fetch(descriptor)
+
+                try:
+                    async with unpack_slots:
+                        layer = await setup.store.ensure_layer(
+                            descriptor.digest,
+                            descriptor.media_type,
+                            descriptor.annotations,
+                            open_blob,
+                            self._unwrap,
+                            diff_id=diff_id,
+                        )
+                finally:
+                    if blob is not None:  # another pull stored the layer first: this download is not needed
+                        await asyncio.to_thread(blob.unlink, missing_ok=True)
             progress.layers_done += 1
             return layer
 

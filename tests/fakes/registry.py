@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from cvm_tools import sign
+from cvm_tools.sign import encode_compact
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -251,7 +251,7 @@ class TokenIssuer:
             "access": [{"type": "repository", "name": repository, "actions": actions}],
         }
         header = {"typ": "JWT", "x5c": [base64.b64encode(self.cert_der).decode()]}
-        return sign.encode_compact(self.key, header, claims)
+        return encode_compact(self.key, header, claims)
 
 
 class TokenServer:
