@@ -39,10 +39,11 @@ from agent.files import private_dirs, write_private
 if TYPE_CHECKING:
     from agent.api.grpc_server import GrpcServer
     from agent.api.ttrpc import TtrpcClient, TtrpcServer
+    from agent.image.measure import AaMeasurementClient
     from agent.initdata import InitData
     from agent.kbs.client import KbsClient
     from agent.measurement import RuntimeMeasurement
-    from agent.service import AttestationAgent, DataHub, ResourceBackend
+    from agent.service import AttestationAgent, DataHub, Measure, ResourceBackend
     from agent.tee.base import Attester
 
 __all__ = ["App", "InitdataMismatch", "run", "stop_signals"]
@@ -77,6 +78,7 @@ class App:
         self._initdata: InitData | None = None
         self._initdata_digest: bytes | None = None
         self._ready = asyncio.Event()
+        self._aa_measure_client: AaMeasurementClient | None = None
         self._grpc: GrpcServer | None = None
         self._ttrpc: list[tuple[str, TtrpcServer]] = []
         self._started = False
@@ -129,8 +131,22 @@ class App:
                 kek_cache_s=config.data_hub.kek_cache_s,
                 skip_sealed_secret_verification=config.data_hub.skip_sealed_secret_verification,
                 sealed_secret_key_dir=config.data_hub.sealed_secret_key_dir,
+                image=config.image,
+                measure=self._pull_measurement(),
             )
         await self._listen()
+
+    def _pull_measurement(self) -> Measure:
+        """The `PullImage` event: this process's own attestation agent if it serves one, else the AA socket."""
+        from agent.service import pull_image_measurement
+
+        aa = self.aa
+        if aa is not None:
+            return pull_image_measurement(lambda d, o, c: aa.extend_runtime_measurement(d, o, c, None))
+        from agent.image.measure import AaMeasurementClient
+
+        self._aa_measure_client = AaMeasurementClient(self.config.data_hub.aa_socket)
+        return pull_image_measurement(self._aa_measure_client.extend)
 
     def _kbs_client(self, attester: Attester) -> KbsClient | None:
         kbs = self.config.kbs
@@ -204,7 +220,8 @@ class App:
             if config.socket is not None:
                 from agent.api.grpc_server import GrpcServer
 
-                self._grpc = GrpcServer(build_methods(self.aa, self.hub), [config.socket, *config.grpc_listen])
+                methods = build_methods(self.aa, self.hub, extensions=True)  # + cvm-agent's own (pull progress)
+                self._grpc = GrpcServer(methods, [config.socket, *config.grpc_listen])
                 await self._grpc.start()
             from agent.api.ttrpc_service import build_ttrpc_server
 
@@ -257,6 +274,11 @@ class App:
         for _, server in self._ttrpc:
             await server.close(grace_s=2.0)
         self._ttrpc = []
+        if self.hub is not None:
+            await self.hub.aclose()
+        if self._aa_measure_client is not None:
+            await self._aa_measure_client.close()
+            self._aa_measure_client = None
         if self._aa_client is not None:
             await self._aa_client.close()
             self._aa_client = None

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure_cli.add_commands(sub, epilog=_EPILOG, client_socket=_add_client_socket, tee_flags=_add_tee_flags)
 
+    from agent.image import command
+
+    command.add_parser(sub, _EPILOG)
     sub.add_parser("version", help="print the version")
     for subparser in sub.choices.values():  # a bad flag is reported with the subcommand's own usage
         subparser.set_defaults(command_parser=subparser)
@@ -425,6 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from agent import measure_cli
 
             return measure_cli.run(args, load_config=_load_config, call=_call)
+        if args.command == "pull":
+            from agent.image import command
+
+            return command.run(args, args.socket or _socket_default())
         return _client(args)
     except ConfigError as exc:
         _error(str(exc))

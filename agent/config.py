@@ -40,6 +40,9 @@ Example (`cvm-agent serve --config agent.toml`):
     [snp]
     vmpl = 0                            # VMPL of SNP reports (configfs `privlevel`, ioctl `vmpl`); Trustee needs 0
 
+    [image]                             # guest image pull: the reference CDH keys, see agent/image/settings.py
+    work_dir = "/run/kata-containers/image"
+
     [tee_paths]                         # kernel interfaces; change them only for emulators and tests
     tsm_report_dir = "/sys/kernel/config/tsm/report"               # configfs-tsm reports (TDX quotes, SNP)
     tdx_guest_device = "/dev/tdx_guest"                            # TDX_CMD_GET_REPORT0 (MRCONFIGID, RTMRs)
@@ -63,6 +66,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.image.settings import ImageConfig, parse_image_table
 from agent.kbs.jwe import KeyAlgorithm
 from agent.tee.kinds import TEE_CHOICES
 
@@ -265,6 +269,7 @@ class Config:
     snp: SnpConfig = field(default_factory=SnpConfig)
     tee_paths: TeePaths = field(default_factory=TeePaths)
     initdata: InitdataConfig = field(default_factory=InitdataConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)  # guest image pull (agent.image.settings)
     # ttRPC on the reference sockets, so one `cvm-agent serve` can stand in for the AA and the data hub too
     ttrpc_aa_socket: str | None = None
     ttrpc_cdh_socket: str | None = None
@@ -351,6 +356,7 @@ class Config:
             "tee_paths": self.tee_paths.describe(),
             "ttrpc_aa_socket": self.ttrpc_aa_socket,
             "ttrpc_cdh_socket": self.ttrpc_cdh_socket,
+            "image": self.image.describe(),
         }
 
 
@@ -523,6 +529,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         "ttrpc_aa_socket",
         "ttrpc_cdh_socket",
         "initdata",
+        "image",
     }
     unknown = sorted(set(data) - top)
     if unknown:
@@ -564,6 +571,11 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     initdata = _table(data, "initdata", {"toml"})
     if "toml" in initdata:
         cfg = replace(cfg, initdata=InitdataConfig(toml=_abs_path(initdata["toml"], "initdata.toml")))
+    image = data.get("image", {})
+    if not isinstance(image, Mapping):
+        msg = f"`image` is {image!r:.80}, expected a table"
+        raise ConfigError(msg, key="image")
+    cfg = replace(cfg, image=parse_image_table(image, strict=True))
 
     paths = _table(data, "tee_paths", set(TEE_PATH_FLAGS))
     tp = cfg.tee_paths

@@ -20,7 +20,14 @@ Domain errors mean the world is wrong (bad data, hardware, peers); misuse by a c
     ├── InvalidResourceUri          a `kbs:///repo/type/tag` URI that does not parse
     ├── DecryptionError             JWE / key unwrap / tag failure; deliberately says nothing more
     ├── InvalidRequest              a local caller sent something malformed
-    └── NotSupported                the request is valid but this agent/TEE cannot serve it
+    │   └── InvalidImageReference   an image reference that does not parse
+    ├── NotSupported                the request is valid but this agent/TEE cannot serve it
+    ├── ImageError                  guest image pull (carries the reference's "Image Pull error" wording)
+    │   ├── RegistryError           the registry is unreachable or answered an error status (`status`)
+    │   ├── ImageFormatError        a manifest, index, config or blob is malformed, oversized or fails its digest
+    │   └── ImageRejected           the signature policy or a registry rule refused the image
+    ├── LayerError                  an image layer blob is malformed: compression, tar, digest, unsafe entry
+    └── MountError                  the rootfs overlay cannot be mounted or unmounted (carries `errno`)
 
 Every error's `str()` is safe to show to an RPC caller: it never contains secret material. Every class names its
 own RPC status (`rpc_status`, the same code on gRPC and ttRPC); a test checks that none inherits it silently.
@@ -41,13 +48,20 @@ __all__ = [
     "DeviceError",
     "EvidenceMismatch",
     "EvidenceParseError",
+    "ImageError",
+    "ImageFormatError",
+    "ImageRejected",
+    "InvalidImageReference",
     "InvalidRequest",
     "InvalidResourceUri",
     "KbsError",
     "KbsProtocolError",
     "KbsTransportError",
     "MeasurementError",
+    "LayerError",
+    "MountError",
     "NotSupported",
+    "RegistryError",
     "ResourceNotFound",
     "TeeError",
     "TeeUnavailable",
@@ -211,3 +225,59 @@ class NotSupported(AgentError):
     """A valid request that this agent or TEE does not support."""
 
     rpc_status: ClassVar[StatusCode] = StatusCode.UNIMPLEMENTED
+
+
+class LayerError(AgentError):
+    """An image layer is not what its descriptor says: bad compression or tar, a digest mismatch, an entry
+    that cannot be unpacked safely. Nothing of the layer is kept."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE  # the registry's data: an upstream failure
+    advice = "The image or its registry served a malformed layer; check the image with `skopeo inspect`."
+
+
+class MountError(AgentError):
+    """The rootfs overlay could not be mounted or unmounted; `errno` is the kernel's answer."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL  # this guest's kernel or permissions
+    advice = "Mounting needs root (CAP_SYS_ADMIN) and a kernel with overlayfs."
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class InvalidImageReference(InvalidRequest):
+    """An image reference that is not `[registry/]repository[:tag][@digest]` (the reference's "Illegal image
+    reference")."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INVALID_ARGUMENT
+
+
+class ImageError(AgentError):
+    """Base for guest image pull failures."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.INTERNAL
+
+    advice = "Check the image reference, the registry configuration ([image] keys) and the registry's log."
+
+
+class RegistryError(ImageError):
+    """The registry could not be reached, timed out, or answered an error status (`status`, 0 when none)."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, *, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ImageFormatError(ImageError):
+    """A manifest, index, image config or blob is malformed, oversized, or does not match its digest."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.UNAVAILABLE  # the registry's data: an upstream failure
+
+
+class ImageRejected(ImageError):
+    """The image security policy or a registry `blocked` rule refused the image."""
+
+    rpc_status: ClassVar[StatusCode] = StatusCode.PERMISSION_DENIED

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -22,7 +23,11 @@ from agent.measurement import MeasurementResult, RuntimeMeasurement
 from agent.secrets import sealed
 from agent.tee.base import Attester
 
-__all__ = ["AttestationAgent", "DataHub", "MeasurementResult", "ResourceBackend"]
+if TYPE_CHECKING:
+    from agent.image.pull import ImagePuller
+    from agent.image.settings import ImageConfig
+
+__all__ = ["AttestationAgent", "DataHub", "MeasurementResult", "ResourceBackend", "pull_image_measurement"]
 
 log = structlog.get_logger("agent.service")
 
@@ -111,6 +116,26 @@ class AttestationAgent:
         return self._kbs
 
 
+MEASUREMENT_DOMAIN = "github.com/confidential-containers"
+Extend = Callable[[str, str, str], Awaitable[MeasurementResult]]
+Measure = Callable[[str, str], Awaitable[None]]
+
+
+def pull_image_measurement(extend: Extend) -> Measure:
+    """The `PullImage` event after a pull, through `extend(domain, operation, content)` (the attestation agent's
+    ExtendRuntimeMeasurement): OK is logged, NOT_SUPPORTED / NOT_ENABLED are warnings, an error fails the pull."""
+    from agent.image.pull import measurement_content
+
+    async def measure(image_url: str, digest: str) -> None:
+        result = await extend(MEASUREMENT_DOMAIN, "PullImage", measurement_content(image_url, digest))
+        if result == MeasurementResult.OK:
+            log.info("image.measurement.extended", image=image_url, digest=digest)
+        else:
+            log.warning("image.measurement.skipped", image=image_url, result=result.name)
+
+    return measure
+
+
 class ResourceBackend(Protocol):
     """Where resources come from: the attested KBS session, passport-mode tokens, or offline files."""
 
@@ -127,11 +152,47 @@ class DataHub:
         kek_cache_s: float = 300.0,
         skip_sealed_secret_verification: bool = False,
         sealed_secret_key_dir: str = "/run/confidential-containers/cdh/sealed-secret",
+        image: ImageConfig | None = None,
+        measure: Measure | None = None,
     ) -> None:
         self._kbs = kbs
         self._skip_verification = skip_sealed_secret_verification
         self._key_dir = Path(sealed_secret_key_dir)
         self.keyprovider = GuestKeyProvider(self.get_resource, cache_s=kek_cache_s)
+        self._image_config = image
+        self._measure = measure
+        self._puller: ImagePuller | None = None
+
+    @property
+    def images(self) -> ImagePuller:
+        """The image puller, built on first use. Its key and resource look-ups call this hub directly, so
+        `GetResource` / `UnWrapKey` served during a pull never wait for the pull."""
+        if self._puller is None:
+            from agent.image.pull import ImagePuller
+            from agent.image.settings import ImageConfig
+
+            self._puller = ImagePuller(
+                self._image_config or ImageConfig(),
+                get_resource=self.get_resource,
+                unwrap=self.unwrap_key,
+                measure=self._measure,
+            )
+        return self._puller
+
+    async def pull_image(self, image_url: str, bundle_path: str) -> str:
+        """Pull, verify, unpack and mount `image_url` at `<bundle_path>/rootfs`; the platform manifest digest."""
+        return await self.images.pull(image_url, bundle_path)
+
+    def pull_progress(self, bundle_path: str) -> dict[str, object] | None:
+        """The progress of the pull into `bundle_path`, if one runs (for `cvm-agent pull`)."""
+        if self._puller is None:
+            return None
+        state = self._puller.in_flight.get(bundle_path)
+        return state.describe() if state is not None else None
+
+    async def aclose(self) -> None:
+        if self._puller is not None:
+            await self._puller.aclose()
 
     async def get_resource(self, resource_path: str) -> bytes:
         """Raw resource bytes for `kbs:///repo/type/tag` (the URI's host part is ignored)."""

@@ -7,6 +7,7 @@ move bytes: gRPC (`agent.api.grpc_server`) and ttRPC call `Method.invoke(request
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -184,9 +185,13 @@ def _cdh_methods(hub: DataHub) -> list[Method]:
         msg = "SecureMount is not supported by cvm-agent"
         raise errors.NotSupported(msg)
 
-    async def pull_image(_req: api_pb2.ImagePullRequest) -> Message:
-        msg = "PullImage is not supported by cvm-agent; pull images with the container runtime"
-        raise errors.NotSupported(msg)
+    async def pull_image(req: api_pb2.ImagePullRequest) -> Message:
+        try:
+            digest = await hub.pull_image(req.image_url, req.bundle_path)
+        except errors.AgentError as exc:
+            exc.args = (f"Image Pull error: {exc}",)  # the reference's wording, which operators search logs for
+            raise
+        return api_pb2.ImagePullResponse(manifest_digest=digest)
 
     return [
         Method(RESOURCE_SERVICE, "GetResource", api_pb2.GetResourceRequest, get_resource),
@@ -225,11 +230,24 @@ def keyprovider_methods(*, wrap: KeyProviderHandler | None, unwrap: KeyProviderH
     ]
 
 
-def build_methods(aa: AttestationAgent | None, hub: DataHub | None) -> list[Method]:
-    """Every method this process serves."""
+def agent_methods(hub: DataHub) -> list[Method]:
+    """cvm-agent's own methods (its gRPC socket only): `cvm_agent.ImagePull/Progress`, the progress of the pull
+    into a bundle as JSON (`GetResourceRequest.ResourcePath` = bundle path; empty when no such pull runs)."""
+
+    async def progress(req: api_pb2.GetResourceRequest) -> Message:
+        state = hub.pull_progress(req.ResourcePath)
+        return api_pb2.GetResourceResponse(Resource=json.dumps(state).encode() if state is not None else b"")
+
+    return [Method("cvm_agent.ImagePull", "Progress", api_pb2.GetResourceRequest, progress)]
+
+
+def build_methods(aa: AttestationAgent | None, hub: DataHub | None, *, extensions: bool = False) -> list[Method]:
+    """Every method this process serves; `extensions` adds cvm-agent's own (not on the reference sockets)."""
     methods: list[Method] = []
     if aa is not None:
         methods += _aa_methods(aa)
     if hub is not None:
         methods += _cdh_methods(hub) + keyprovider_methods(wrap=None, unwrap=hub.unwrap_key)
+        if extensions:
+            methods += agent_methods(hub)
     return methods

@@ -2,8 +2,11 @@
 
     confidential-data-hub [-c cdh.toml] [--kernel-cmdline PATH] [--log-level LEVEL]
 
-Serves `api.GetResourceService`, `api.SealedSecretService`, `keyprovider.KeyProviderService/UnWrapKey`, and
-answers `SecureMount` / `PullImage` with UNIMPLEMENTED, all on `cdh.sock`. In `cc_kbc` mode it works as the
+Serves `api.GetResourceService`, `api.SealedSecretService`, `api.ImagePullService/PullImage`,
+`keyprovider.KeyProviderService/UnWrapKey`, and answers `SecureMount` with UNIMPLEMENTED, all on `cdh.sock`.
+Image settings come from `[image]`, else the kernel command line;
+`CDH_DEFAULT_IMAGE_AUTHENTICATED_REGISTRY_CREDENTIALS` overrides the credentials URI in every case. The
+`PullImage` event goes to the attestation agent over ttRPC. In `cc_kbc` mode it works as the
 reference does: the token and TEE key pair come from the attestation agent over ttRPC (`GetToken("kbs")`) and
 resources are fetched with `Authorization: Bearer`. `offline_fs_kbc` reads the reference's local files.
 """
@@ -17,8 +20,15 @@ from collections.abc import Sequence
 import structlog
 
 from agent.compat import common
-from agent.compat.refconfig import CdhSettings, credentials_from_cmdline, parse_cdh_config, unix_path
+from agent.compat.refconfig import (
+    CdhSettings,
+    credentials_from_cmdline,
+    image_config_from_cmdline,
+    parse_cdh_config,
+    unix_path,
+)
 from agent.config import Config, CredentialFile, DataHubConfig, KbsConfig, read_input
+from agent.image.settings import ImageConfig
 from agent.kbs.offline import DEFAULT_FILES
 
 __all__ = ["DEFAULT_OCICRYPT_CONFIG", "main", "to_config"]
@@ -26,6 +36,7 @@ __all__ = ["DEFAULT_OCICRYPT_CONFIG", "main", "to_config"]
 log = structlog.get_logger("agent.cdh")
 
 DEFAULT_OCICRYPT_CONFIG = "/run/confidential-containers/cdh/ocicrypt_config.json"
+CREDENTIALS_ENV = "CDH_DEFAULT_IMAGE_AUTHENTICATED_REGISTRY_CREDENTIALS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +60,17 @@ def _load_settings(path: str | None) -> CdhSettings:
     if not path:
         return CdhSettings()
     return parse_cdh_config(read_input(path, key="-c"), source=path)
+
+
+def _image_config(settings: CdhSettings, cmdline: str) -> ImageConfig:
+    """`[image]` if present, else the kernel command line; the credentials env variable wins over both."""
+    from dataclasses import replace
+
+    image = settings.image if settings.image is not None else image_config_from_cmdline(cmdline)
+    override = os.environ.get(CREDENTIALS_ENV)
+    if override:
+        image = replace(image, authenticated_registry_credentials_uri=override)
+    return image
 
 
 def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
@@ -76,6 +98,7 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
         ttrpc_cdh_socket=unix_path(settings.socket, key="socket"),
         kbs=KbsConfig(url=kbc.url if passport and kbc else None, cert_pem=settings.kbs_cert),
         data_hub=hub,
+        image=_image_config(settings, cmdline),
     )
     return config, settings.log_level
 

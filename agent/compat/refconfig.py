@@ -6,8 +6,10 @@ table of its own, `[cvm_agent] tee = "sample"`, so a Kata guest without a TEE ca
 the AA config delivered by initdata (it is never chosen silently).
 
 CDH config (`confidential-data-hub -c`, §9): `socket`, `[aa] aa_socket`, `[kbc] name, url, kbs_cert`,
-`[[credentials]] resource_uri, path`, `skip_sealed_secret_verification`, `[log] level`; `[image]` belongs to
-image-rs and is ignored.
+`[[credentials]] resource_uri, path`, `skip_sealed_secret_verification`, `[log] level`, and image-rs's `[image]`
+(`agent.image.settings`; unknown keys there are ignored, as the reference). Without an `[image]` section the
+image settings come from the kernel command line (`agent.https_proxy`, `agent.http_proxy`, `agent.no_proxy`,
+`agent.image_registry_auth`, and `agent.image_policy_file` when `agent.enable_signature_verification=true`).
 
 KBS discovery, as the reference: the config file first, then the `AA_KBC_PARAMS` environment variable, then the
 kernel command line `agent.aa_kbc_params=cc_kbc::<url>`. CDH credentials may also come from the kernel command
@@ -24,6 +26,7 @@ from typing import Any
 
 from agent.config import EventlogConfig
 from agent.errors import ConfigError
+from agent.image.settings import ImageConfig, parse_image_table
 from agent.kbs.jwe import KeyAlgorithm
 from agent.tee.kinds import TEE_CHOICES
 
@@ -36,6 +39,7 @@ __all__ = [
     "KbcParams",
     "cmdline_value",
     "credentials_from_cmdline",
+    "image_config_from_cmdline",
     "parse_aa_config",
     "parse_cdh_config",
     "parse_kbc_params",
@@ -245,13 +249,29 @@ class CdhSettings:
     credentials: tuple[Credential, ...] = ()
     skip_sealed_secret_verification: bool = False
     log_level: str | None = None
+    image: ImageConfig | None = None  # None: no [image] section (the kernel command line then applies)
     ignored: tuple[str, ...] = field(default=())
+
+
+def image_config_from_cmdline(cmdline: str) -> ImageConfig:
+    """image-rs `ImageConfig::from_kernel_cmdline`: proxies, registry auth, and the policy file only when
+    `agent.enable_signature_verification=true`."""
+    policy = None
+    if (cmdline_value(cmdline, "agent.enable_signature_verification") or "").lower() == "true":
+        policy = cmdline_value(cmdline, "agent.image_policy_file") or None
+    return ImageConfig(
+        https_proxy=cmdline_value(cmdline, "agent.https_proxy") or None,
+        http_proxy=cmdline_value(cmdline, "agent.http_proxy") or None,
+        no_proxy=cmdline_value(cmdline, "agent.no_proxy") or None,
+        authenticated_registry_credentials_uri=cmdline_value(cmdline, "agent.image_registry_auth") or None,
+        image_security_policy_uri=policy,
+    )
 
 
 def parse_cdh_config(raw: bytes, *, source: str) -> CdhSettings:
     data = _load(raw, source)
     settings: dict[str, Any] = {}
-    known = {"socket", "aa", "kbc", "credentials", "skip_sealed_secret_verification", "log"}
+    known = {"socket", "aa", "kbc", "credentials", "skip_sealed_secret_verification", "log", "image"}
     settings["ignored"] = tuple(sorted(set(data) - known))
     socket = _str(data, "socket", "cdh")
     if socket is not None:
@@ -287,6 +307,8 @@ def parse_cdh_config(raw: bytes, *, source: str) -> CdhSettings:
         raise ConfigError(msg, key="skip_sealed_secret_verification")
     settings["skip_sealed_secret_verification"] = skip
     settings["log_level"] = _log_level(data, source)
+    if "image" in data:
+        settings["image"] = parse_image_table(_table(data, "image", source), strict=False)
     return CdhSettings(**settings)
 
 

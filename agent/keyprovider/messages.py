@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -47,6 +47,7 @@ __all__ = [
     "wrap_reply",
     "unwrap_reply",
     "unwrap_request",
+    "wrap_request",
     "parse_reply",
     "MAX_REQUEST_SIZE",
     "OP_WRAP",
@@ -145,6 +146,28 @@ def unwrap_request(annotation: bytes) -> bytes:
             "op": OP_UNWRAP,
             "keywrapparams": {"ec": None, "optsdata": None},
             "keyunwrapparams": {"dc": None, "annotation": base64.b64encode(annotation).decode("ascii")},
+        }
+    )
+
+
+def wrap_request(optsdata: bytes, params: Mapping[str, Sequence[bytes]]) -> bytes:
+    """A `keywrap` request shaped as Go ocicrypt marshals it for `--encryption-key provider:NAME[:PARAM]`.
+
+    `params` maps each provider name to its parameter values (`b"Enabled"` when skopeo is given no PARAM).
+    """
+    return _dump(
+        {
+            "op": OP_WRAP,
+            "keywrapparams": {
+                "ec": {
+                    "Parameters": {
+                        name: [base64.b64encode(v).decode("ascii") for v in vs] for name, vs in sorted(params.items())
+                    },
+                    "DecryptConfig": {"Parameters": {}},
+                },
+                "optsdata": base64.b64encode(optsdata).decode("ascii"),
+            },
+            "keyunwrapparams": {"dc": None, "annotation": None},
         }
     )
 

@@ -21,7 +21,6 @@ guest-api.md §7 and hw-abi.md §4-5.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -45,7 +44,6 @@ __all__ = [
     "items_from_cc_eventlog",
     "measurement_entry",
     "parse_agent_log",
-    "pull_image_event",
     "replay",
     "rtmr_for_pcr",
 ]
@@ -113,18 +111,6 @@ def measurement_entry(
         msg = f"event text is {size} bytes, expected at most {MAX_TEXT_BYTES}"
         raise ValueError(msg)
     return ccel.aael_entry(event, alg=alg, mr_index=rtmr + 1)
-
-
-PULL_IMAGE_DOMAIN: Final = "github.com/confidential-containers"
-PULL_IMAGE_OPERATION: Final = "PullImage"
-
-
-def pull_image_event(image_url: str, manifest_digest: str) -> tuple[str, str, str]:
-    """(domain, operation, content) the data hub records after a pull, as the reference formats it (§7.4):
-    `{"image":"<url>", "digest":"<manifest digest>"}`, a space after the comma; strings JSON-escaped."""
-    image = json.dumps(image_url, ensure_ascii=False)
-    digest = json.dumps(manifest_digest, ensure_ascii=False)
-    return PULL_IMAGE_DOMAIN, PULL_IMAGE_OPERATION, f'{{"image":{image}, "digest":{digest}}}'
 
 
 def parse_agent_log(data: bytes) -> tuple[ccel.Event, ...]:

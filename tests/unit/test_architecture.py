@@ -36,6 +36,14 @@ PURE = [
     "strictjson.py",
     "jws.py",
     "secret.py",
+    "image/compression.py",
+    "image/ocicrypt.py",
+    "image/reference.py",
+    "image/manifest.py",
+    "image/registries.py",
+    "image/auth.py",
+    "image/policy.py",
+    "image/settings.py",
 ]
 FORBIDDEN = {"os", "fcntl", "socket", "asyncio", "httpx", "grpc", "structlog", "subprocess", "threading", "pathlib"}
 

@@ -39,6 +39,13 @@ EXPECTED_STATUS = {
     "DecryptionError": StatusCode.INTERNAL,
     "InvalidRequest": StatusCode.INVALID_ARGUMENT,
     "NotSupported": StatusCode.UNIMPLEMENTED,
+    "LayerError": StatusCode.UNAVAILABLE,  # a malformed or hostile layer is the registry's data: upstream
+    "MountError": StatusCode.INTERNAL,
+    "InvalidImageReference": StatusCode.INVALID_ARGUMENT,
+    "ImageError": StatusCode.INTERNAL,
+    "RegistryError": StatusCode.UNAVAILABLE,  # unreachable, timed out or an error status: upstream
+    "ImageFormatError": StatusCode.UNAVAILABLE,  # a manifest/blob that fails its digest or shape: upstream data
+    "ImageRejected": StatusCode.PERMISSION_DENIED,  # the policy or a registry rule refused the image
 }
 
 

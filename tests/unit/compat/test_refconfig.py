@@ -132,7 +132,7 @@ kbs_cert = "PEM"
 resource_uri = "kbs:///default/credential/test"
 path = "/run/confidential-containers/cdh/kbs/test"
 [image]
-max_concurrent_layer_downloads_per_image = 3
+max_concurrent_layer_downloads_per_image = 5
 """
         settings = parse_cdh_config(raw, source="cdh.toml")
         assert settings.kbc is not None
@@ -140,7 +140,9 @@ max_concurrent_layer_downloads_per_image = 3
         assert settings.aa_socket == "unix:///run/aa.sock"
         assert settings.credentials[0].path == "/run/confidential-containers/cdh/kbs/test"
         assert settings.skip_sealed_secret_verification
-        assert settings.ignored == ("image",)
+        assert settings.ignored == ()
+        assert settings.image is not None
+        assert settings.image.max_concurrent_layer_downloads_per_image == 5
 
     @pytest.mark.parametrize(
         ("raw", "message"),

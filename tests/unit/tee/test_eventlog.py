@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import struct
 from pathlib import Path
@@ -75,25 +74,6 @@ class TestEntry:
     def test_rejects_register(self) -> None:
         with pytest.raises(ValueError, match=re.escape("`rtmr` is 4, expected 0..3")):
             eventlog.measurement_entry("d", "o", "c", rtmr=4)
-
-
-class TestPullImageEvent:
-    def test_reference_format(self) -> None:
-        digest = "sha256:" + "ab" * 32
-        event = eventlog.pull_image_event("docker.io/library/busybox:latest", digest)
-        assert event == (
-            "github.com/confidential-containers",
-            "PullImage",
-            f'{{"image":"docker.io/library/busybox:latest", "digest":"{digest}"}}',
-        )
-        entry = eventlog.measurement_entry(*event, rtmr=3)
-        assert entry.aael() == ccel.AaelEvent(domain=event[0], operation=event[1], content=event[2])
-
-    def test_escapes_what_would_break_the_line(self) -> None:
-        image = 'a"b' + chr(10) + "c"
-        _domain, _operation, content = eventlog.pull_image_event(image, "d")
-        assert chr(10) not in content
-        assert json.loads(content) == {"image": image, "digest": "d"}
 
 
 class TestRegisterMap:

@@ -1,1 +1,2 @@
-"""cvm_tools.keyprovider: the image owner's wrap-only key provider (`wrap`) and its command (`owner`)."""
+"""cvm_tools.keyprovider: the image owner's wrap-only key provider (`wrap`), its command (`owner`), and layer
+encryption as skopeo does it through a key provider (`encrypt`)."""
