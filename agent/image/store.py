@@ -8,10 +8,11 @@ Layout (image-rs's, image-pull.md §2.9), every directory 0700 and every file 06
     <work_dir>/meta_store.json          {"layer_db": {<compressed digest>: {...}}, "image_db": {...}}
 
 A layer is unpacked into a staging directory; only when the tar ended cleanly, an encrypted layer
-authenticated, and the diff_id matched is it renamed to `layers/<n>` and recorded, with the metadata file
-replaced atomically (write, fsync, rename, fsync the directory). So a crash at any point leaves either no trace
-of the layer (staging and unrecorded directories are deleted when the store opens) or a complete, recorded
-one. Concurrent `ensure_layer` calls for one digest unpack it once: later callers wait and reuse it.
+authenticated, and the diff_id matched is it synced to disk (syncfs), renamed to `layers/<n>` and recorded,
+with the metadata file replaced atomically (write, fsync, rename, fsync the directory). So a crash at any
+point leaves either no trace of the layer (staging and unrecorded directories are deleted when the store
+opens) or a complete, recorded one. Concurrent `ensure_layer` calls for one digest unpack it once: later
+callers wait and reuse it.
 
 The store trusts `open_blob` to return a file whose compressed digest was verified (the registry client hashes
 while downloading); it verifies everything after that: decryption, decompression, tar, diff_id.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import queue
@@ -272,6 +274,7 @@ class LayerStore:
                 if decrypting is not None:
                     decrypting.finish()
             _check_diff_id(result.diff_id, expected, digest)
+            _syncfs(staging)  # the files reach the disk before the metadata that vouches for them
             with self._number_lock:
                 final = self.layers_dir / str(self._next_number())
                 staging.rename(final)
@@ -290,6 +293,18 @@ def _discard_unrecorded(work: asyncio.Future[tuple[Path, str]]) -> None:
         return  # the worker removed its staging directory itself
     path = work.result()[0]
     threading.Thread(target=_remove_tree, args=(path,), name="layer-discard", daemon=True).start()
+
+
+def _syncfs(path: Path) -> None:
+    """syncfs(2) on the file system holding `path` (a no-op on tmpfs; needed on a disk-backed work dir)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
 
 
 def _check_diff_id(got: str, expected: str | None, digest: str) -> None:
