@@ -9,7 +9,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from agent.image.mount import unmount
+from tests.fakes.registry import registry_available
 
 
 def overlay_unavailable() -> str | None:
@@ -68,3 +71,15 @@ def cleanup_mount(bundle: Path, scratch: Path) -> None:
     rootfs = bundle / "rootfs"
     if os.path.ismount(rootfs):
         unmount(rootfs, scratch=scratch, lazy=True)
+
+
+def image_test_marks(*, overlay: bool) -> list[pytest.MarkDecorator]:
+    """`pytestmark` of an image test module: integration, skipped with the reason where Debian's registry (or, for
+    tests that mount, overlayfs) is not available."""
+    marks = [
+        pytest.mark.integration,
+        pytest.mark.skipif(registry_available() is not None, reason=str(registry_available())),
+    ]
+    if overlay:
+        marks.append(pytest.mark.skipif(overlay_unavailable() is not None, reason=str(overlay_unavailable())))
+    return marks

@@ -27,16 +27,11 @@ from tests.fakes.registry import (
     Registry,
     build_image,
     gzip_layer,
-    registry_available,
     tar_layer,
 )
-from tests.integration.image_support import cleanup_mount, overlay_unavailable, snapshot
+from tests.integration.image_support import cleanup_mount, image_test_marks, snapshot
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(registry_available() is not None, reason=str(registry_available())),
-    pytest.mark.skipif(overlay_unavailable() is not None, reason=str(overlay_unavailable())),
-]
+pytestmark = image_test_marks(overlay=True)
 
 IMAGE = build_image([gzip_layer(tar_layer([Entry("hello", b"hello from the registry\n")]))])
 

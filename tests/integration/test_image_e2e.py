@@ -41,17 +41,12 @@ from tests.fakes.registry import (
     Registry,
     build_image,
     gzip_layer,
-    registry_available,
     sha256,
     tar_layer,
 )
-from tests.integration.image_support import cleanup_mount, overlay_unavailable, snapshot, tree_state
+from tests.integration.image_support import cleanup_mount, image_test_marks, snapshot, tree_state
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(registry_available() is not None, reason=str(registry_available())),
-    pytest.mark.skipif(overlay_unavailable() is not None, reason=str(overlay_unavailable())),
-]
+pytestmark = image_test_marks(overlay=True)
 
 CDH = "api.ImagePullService"
 BASE = tar_layer(

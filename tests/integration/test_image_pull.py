@@ -26,17 +26,12 @@ from tests.fakes.registry import (
     build_image,
     build_index,
     gzip_layer,
-    registry_available,
     sha256,
     tar_layer,
 )
-from tests.integration.image_support import cleanup_mount, overlay_unavailable, snapshot
+from tests.integration.image_support import cleanup_mount, image_test_marks, snapshot
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(registry_available() is not None, reason=str(registry_available())),
-    pytest.mark.skipif(overlay_unavailable() is not None, reason=str(overlay_unavailable())),
-]
+pytestmark = image_test_marks(overlay=True)
 
 BASE = gzip_layer(
     tar_layer(

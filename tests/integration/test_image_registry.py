@@ -27,16 +27,13 @@ from tests.fakes.registry import (
     bcrypt_hash,
     build_image,
     gzip_layer,
-    registry_available,
     sha256,
     tar_layer,
 )
 from tests.integration.conftest import TlsFiles
+from tests.integration.image_support import image_test_marks
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(registry_available() is not None, reason=str(registry_available())),
-]
+pytestmark = image_test_marks(overlay=False)
 
 USER, PASSWORD = "puller", "pull-secret-42"
 
