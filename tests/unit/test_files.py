@@ -33,11 +33,11 @@ def test_every_created_directory_is_0700(tmp_path: Path) -> None:
 
 
 def test_existing_directories_are_left_alone(tmp_path: Path) -> None:
-    shared = tmp_path / "shared"
-    shared.mkdir(mode=0o755)
-    private_dirs(shared / "mine")
-    assert mode(shared) == 0o755
-    assert mode(shared / "mine") == 0o700
+    existing = tmp_path / "existing"
+    existing.mkdir(mode=0o755)
+    private_dirs(existing / "mine")
+    assert mode(existing) == 0o755
+    assert mode(existing / "mine") == 0o700
 
 
 def test_a_file_in_the_way_is_an_error(tmp_path: Path) -> None:
