@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 env={**os.environ, "NOTIFY_SOCKET": notify_path},
             )
             started = time.monotonic()
-            if notify.recv(64) != b"READY=1":
+            if b"READY=1" not in notify.recv(4096).split(b"\n"):  # sd_notify: READY=1 among other fields
                 msg = "agent did not signal readiness"
                 raise SystemExit(msg)
             print(f"    agent ready on {agent_socket} after {time.monotonic() - started:.2f} s")
