@@ -79,14 +79,4 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    async def start() -> int:
-        from agent.app import run
-
-        common.configure_logging(None, args.log_level)
-        config, level = to_config(args)
-        common.configure_logging(level, args.log_level)
-        return await run(config, name="aa")
-
-    return common.run_command("attestation-agent", start)
+    return common.serve_translated("attestation-agent", "aa", build_parser().parse_args(argv), to_config)

@@ -104,14 +104,4 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
-    async def start() -> int:
-        from agent.app import run
-
-        common.configure_logging(None, args.log_level)
-        config, level = to_config(args)
-        common.configure_logging(level, args.log_level)
-        return await run(config, name="cdh")
-
-    return common.run_command("confidential-data-hub", start)
+    return common.serve_translated("confidential-data-hub", "cdh", build_parser().parse_args(argv), to_config)

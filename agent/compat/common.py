@@ -23,6 +23,7 @@ __all__ = [
     "discover_kbc",
     "read_kernel_cmdline",
     "run_command",
+    "serve_translated",
     "wait_for_stop",
 ]
 
@@ -71,6 +72,23 @@ def discover_kbc(config_url: str | None, cmdline: str) -> tuple[KbcParams | None
     if value:
         return parse_kbc_params(value, source="agent.aa_kbc_params"), "kernel command line"
     return None, "none"
+
+
+def serve_translated(
+    prog: str, name: str, args: argparse.Namespace, to_config: Callable[[argparse.Namespace], tuple[Any, str | None]]
+) -> int:
+    """A reference-compatible binary: translate its inputs with `to_config` into a `Config` (and a log level),
+    then serve it through the composition root until a stop signal."""
+
+    async def start() -> int:
+        from agent.app import run
+
+        configure_logging(None, args.log_level)  # messages while translating are formatted already
+        config, level = to_config(args)
+        configure_logging(level, args.log_level)
+        return int(await run(config, name=name))
+
+    return run_command(prog, start)
 
 
 def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:

@@ -29,8 +29,6 @@ from pathlib import Path
 import pytest
 from cvm_tools.devkbs.server import DevKbsServer
 
-from agent.api._gen import keyprovider_pb2 as kp
-from agent.api.ttrpc import TtrpcClient
 from tests.integration.conftest import SECRET
 from tests.integration.kata_extension import (
     LEVELS,
@@ -44,7 +42,7 @@ from tests.integration.test_kata_dropin import (
     KEK,
     OPTSDATA,
     cdh_get_resource,
-    image_rs_unwrap_request,
+    cdh_unwrap,
     write_initdata,
 )
 from tests.paths import GUEST_CACHE
@@ -372,16 +370,7 @@ async def test_kata_launches_the_extension_in_a_busybox_root(
         startup["api-server-rest"] = wait_port(REST_PORT, timeout=30)
         assert startup["api-server-rest"] is not None, (logs / "api-server-rest.log").read_text()
         cdh_socket = run_dir / "cdh.sock"
-        # image-rs: UnWrapKey over ttRPC on cdh.sock
-        async with TtrpcClient(str(cdh_socket)) as client:
-            reply = await client.call(
-                "keyprovider.KeyProviderService",
-                "UnWrapKey",
-                image_rs_unwrap_request("kbs:///default/image-kek/layer"),
-                timeout=50,
-            )
-        output = kp.KeyProviderKeyWrapProtocolOutput.FromString(reply).KeyProviderKeyWrapProtocolOutput
-        assert bytes(json.loads(output)["keyunwrapresults"]["optsdata"]) == OPTSDATA
+        assert await cdh_unwrap(cdh_socket, "kbs:///default/image-kek/layer") == OPTSDATA  # image-rs's call
         assert await cdh_get_resource(cdh_socket, "kbs:///default/key/1") == SECRET
         assert http("/cdh/resource/default/key/1") == (200, SECRET)
         status, info = http("/info")

@@ -201,6 +201,16 @@ def image_rs_unwrap_request(kid: str) -> bytes:
     ).SerializeToString()
 
 
+async def cdh_unwrap(socket: Path | str, kid: str) -> bytes:
+    """UnWrapKey over ttRPC on cdh.sock as image-rs sends it; the optsdata of the reply."""
+    async with TtrpcClient(str(socket)) as client:
+        reply = await client.call(
+            "keyprovider.KeyProviderService", "UnWrapKey", image_rs_unwrap_request(kid), timeout=50
+        )
+    output = kp.KeyProviderKeyWrapProtocolOutput.FromString(reply).KeyProviderKeyWrapProtocolOutput
+    return bytes(json.loads(output)["keyunwrapresults"]["optsdata"])
+
+
 async def cdh_get_resource(socket_path: Path, uri: str) -> bytes:
     async with TtrpcClient(str(socket_path)) as client:
         reply = await client.call(
@@ -218,16 +228,7 @@ async def test_kata_launch_and_guest_calls(guest: Guest, dev_kbs: DevKbsServer) 
         after = guest.launcher.launched[name].socket_after_s
         assert after is not None
         assert after < KATA_LAUNCH_TIMEOUT_S
-    # image-rs: UnWrapKey over ttRPC on cdh.sock
-    async with TtrpcClient(str(guest.cdh_socket)) as client:
-        reply = await client.call(
-            "keyprovider.KeyProviderService",
-            "UnWrapKey",
-            image_rs_unwrap_request("kbs:///default/image-kek/layer"),
-            timeout=50,
-        )
-    output = kp.KeyProviderKeyWrapProtocolOutput.FromString(reply).KeyProviderKeyWrapProtocolOutput
-    assert bytes(json.loads(output)["keyunwrapresults"]["optsdata"]) == OPTSDATA
+    assert await cdh_unwrap(guest.cdh_socket, "kbs:///default/image-kek/layer") == OPTSDATA  # image-rs's call
     # GetResource over ttRPC
     assert await cdh_get_resource(guest.cdh_socket, "kbs:///default/key/1") == SECRET
     # the REST API
