@@ -67,7 +67,7 @@ from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.image.settings import ImageConfig, parse_image_table
-from agent.kbs.jwe import KeyAlgorithm
+from agent.kbs.keyalg import KeyAlgorithm
 from agent.tee.kinds import TEE_CHOICES
 
 __all__ = [
