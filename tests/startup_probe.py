@@ -31,6 +31,7 @@ ENTRY_POINTS: dict[str, Callable[[], Callable[[list[str]], int]]] = {
     "api-server-rest": lambda: __import__("agent.compat.rest", fromlist=["main"]).main,
 }
 WAIT_S = 60.0
+LINGER_ENV = "STARTUP_PROBE_LINGER_S"  # stay up this long after the first answer (what the process loads while idle)
 
 
 def _ttrpc_frame(service: str, method: str) -> bytes:
@@ -93,6 +94,7 @@ def main() -> int:
                 try:
                     if _call(kind, sock_path):
                         answered.set()
+                        time.sleep(float(os.environ.get(LINGER_ENV, "0")))
                         break
                 except OSError:
                     pass

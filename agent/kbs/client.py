@@ -49,6 +49,7 @@ __all__ = [
     "KbsHttp",
     "build_ssl_context",
     "fetch_resource",
+    "preload",
 ]
 
 log = structlog.get_logger("agent.kbs")
@@ -57,6 +58,7 @@ _USER_AGENT = f"cvm-agent/{__version__}"
 _REFRESH_FRACTION = (0.75, 0.80)  # of the token lifetime, with jitter
 _EXPIRY_GUARD = 0.1  # of the lifetime, at most `token_refresh_margin_s`: stop serving a token this close to exp
 _MAX_BACKOFF_S = 60.0
+_INLINE_DECRYPT_BYTES = 16 * 1024  # JWEs up to this size are decrypted on the event loop, larger ones in a thread
 
 
 def build_ssl_context(cert_path: str | None, cert_pem: str | None = None) -> ssl.SSLContext:
@@ -111,6 +113,7 @@ class KbsHttp:
                 raise KbsTransportError(msg)
             import httpx
 
+            _no_sniffio()
             config = self._config
             https = self.url.startswith("https://")
             verify: ssl.SSLContext | bool = build_ssl_context(config.cert_path, config.cert_pem) if https else False
@@ -203,6 +206,31 @@ class KbsHttp:
                 chunks.append(chunk)
             self._http.cookies.clear()  # cookies are handled explicitly, never by the jar
             return response.status_code, b"".join(chunks), response.headers
+
+
+def preload() -> None:
+    """Import what the first handshake and fetch need (httpx and its async backend, the TEE key and JWE
+    cryptography). Blocking: `App` runs it in a thread once the process serves, so the first GetResource does not
+    pay for it; without it the same imports happen on that call."""
+    import anyio._backends._asyncio  # noqa: F401 - httpcore loads it at the first request
+    import httpcore  # noqa: F401 - httpx loads it when its first client is built
+    import httpx  # noqa: F401
+
+    import agent.jws  # token parsing
+    import agent.kbs.jwe  # noqa: F401
+
+    _no_sniffio()
+
+
+def _no_sniffio() -> None:
+    """httpcore tries `import sniffio` on every lock it takes (about four per request) and newer anyio no longer
+    installs it; a failed import searches all of sys.path each time (~75 us). Recording it as absent, as the import
+    system does for `None` entries, makes each attempt a dictionary look-up. Nothing changes if it is installed."""
+    import importlib.util
+    import sys
+
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
 async def _in_memory(content: bytes) -> AsyncIterator[bytes]:
@@ -357,6 +385,8 @@ async def fetch_resource(http: KbsHttp, credentials: CredentialCache, uri: Resou
         from agent.kbs.jwe import decrypt
 
         try:
+            if len(outcome) <= _INLINE_DECRYPT_BYTES:  # ~0.1 ms of work: less than the hop to a worker thread
+                return decrypt(attested.keypair, outcome)
             return await asyncio.to_thread(decrypt, attested.keypair, outcome)
         except DecryptionError:
             msg = f"KBS at {http.url}: the response for resource {uri.path} cannot be decrypted with the agent's key"

@@ -9,6 +9,7 @@ a KBS configured, makes the first call, stops the process with SIGTERM and walks
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ NEVER_AT_START = ("cryptography", "httpx", "httpcore", "agent.kbs.jwe", "agent.j
 NOT_FOR_SAMPLE = ("agent.tee.tdx_attester", "agent.tee.snp_attester", "agent.tee.tdx", "agent.tee.snp")
 
 
-def _probe(tmp_path: Path, address: str, kind: str, argv: list[str]) -> set[str]:
+def _probe(tmp_path: Path, address: str, kind: str, argv: list[str], *, linger_s: float = 0) -> set[str]:
     out = tmp_path / "modules.json"
     result = subprocess.run(
         [sys.executable, "-m", "tests.startup_probe", str(out), address, kind, "--", *argv],
@@ -31,6 +32,7 @@ def _probe(tmp_path: Path, address: str, kind: str, argv: list[str]) -> set[str]
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "STARTUP_PROBE_LINGER_S": str(linger_s)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -51,12 +53,38 @@ def _free_port() -> int:
         return port
 
 
-def test_serve_loads_no_kbs_crypto_or_http_before_a_kbs_call(tmp_path: Path) -> None:
+def _serve_argv(tmp_path: Path, *, preload: bool) -> tuple[str, list[str]]:
     sock = str(tmp_path / "agent.sock")
-    argv = ["cvm-agent", "serve", "--tee", "sample", "--socket", sock, "--kbs-url", KBS_URL, "--log-level", "error"]
-    modules = _probe(tmp_path, sock, "grpc", argv)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[kbs]\nurl = "{KBS_URL}"\npreload = {str(preload).lower()}\n')
+    return sock, [
+        "cvm-agent",
+        "serve",
+        "--config",
+        str(config),
+        "--tee",
+        "sample",
+        "--socket",
+        sock,
+        "--log-level",
+        "error",
+    ]
+
+
+def test_serve_loads_no_kbs_crypto_or_http_before_a_kbs_call(tmp_path: Path) -> None:
+    sock, argv = _serve_argv(tmp_path, preload=False)
+    modules = _probe(tmp_path, sock, "grpc", argv, linger_s=1.0)
     assert "grpc" in modules  # it serves gRPC: the walk sees what the process loaded
     assert _loaded(modules, NEVER_AT_START + NOT_FOR_SAMPLE) == []
+
+
+def test_serve_preloads_the_kbs_client_once_serving(tmp_path: Path) -> None:
+    """`kbs.preload` (the default): httpx and cryptography load in the background after start-up, so the first
+    GetResource does not wait for them (the same walk, while the agent idles)."""
+    sock, argv = _serve_argv(tmp_path, preload=True)
+    modules = _probe(tmp_path, sock, "grpc", argv, linger_s=5.0)
+    assert {"httpx", "httpcore", "cryptography", "agent.kbs.jwe"} <= modules
+    assert _loaded(modules, ("agent.image.pull", *NOT_FOR_SAMPLE)) == []
 
 
 def test_attestation_agent_loads_no_grpc_crypto_or_http(tmp_path: Path) -> None:
