@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import BIN, KbsProcess, Row, render
+from bench.common import BIN, KbsProcess, Row, compile_agent, render
 
 AA = "/attestation_agent.AttestationAgentService"
 RESOURCE = "default/key/1"
@@ -123,6 +123,7 @@ def rows(rounds: int = 5, calls: int = 50) -> list[Row]:
     from agent import log as agent_log
 
     agent_log.configure("error")
+    compile_agent()
     with tempfile.TemporaryDirectory(prefix="cvm-bench-", dir="/tmp") as tmp:
         root = Path(tmp)
         (root / "res" / "default" / "key").mkdir(parents=True)
