@@ -51,7 +51,8 @@ def floor_ms(code: str) -> float:
 
 
 def floor_peak_rss_kib(code: str) -> int:
-    report = "; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    """The floor process's VmHWM (its own peak: ru_maxrss would inherit the forking parent's)."""
+    report = '; print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1])'
     return int(subprocess.run([sys.executable, "-c", code + report], check=True, capture_output=True).stdout)
 
 
