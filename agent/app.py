@@ -225,10 +225,10 @@ class App:
                 methods = build_methods(self.aa, self.hub, extensions=True)  # + cvm-agent's own (pull progress)
                 self._grpc = GrpcServer(methods, [config.socket, *config.grpc_listen])
                 await self._grpc.start()
-            from agent.api.ttrpc_service import build_ttrpc_server
-
             for path, aa, hub in ((config.ttrpc_aa_socket, self.aa, None), (config.ttrpc_cdh_socket, None, self.hub)):
                 if path is not None:
+                    from agent.api.ttrpc_service import build_ttrpc_server  # only where ttRPC is served
+
                     server = build_ttrpc_server(build_methods(aa, hub))
                     await server.start(path)
                     self._ttrpc.append((path, server))
