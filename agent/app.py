@@ -51,6 +51,7 @@ __all__ = ["App", "InitdataMismatch", "run", "stop_signals"]
 log = structlog.get_logger("agent.app")
 
 AA_TOKEN_TIMEOUT_S = 50.0
+PRELOAD_DELAY_S = 0.2  # after start-up completes: kata-agent's first calls come first
 INSECURE_HTTP_WARNING = PLAIN_HTTP_RISK
 
 
@@ -82,6 +83,7 @@ class App:
         self._grpc: GrpcServer | None = None
         self._ttrpc: list[tuple[str, TtrpcServer]] = []
         self._started = False
+        self._preload: asyncio.Task[None] | None = None
 
     @property
     def serves_aa(self) -> bool:
@@ -223,10 +225,10 @@ class App:
                 methods = build_methods(self.aa, self.hub, extensions=True)  # + cvm-agent's own (pull progress)
                 self._grpc = GrpcServer(methods, [config.socket, *config.grpc_listen])
                 await self._grpc.start()
-            from agent.api.ttrpc_service import build_ttrpc_server
-
             for path, aa, hub in ((config.ttrpc_aa_socket, self.aa, None), (config.ttrpc_cdh_socket, None, self.hub)):
                 if path is not None:
+                    from agent.api.ttrpc_service import build_ttrpc_server  # only where ttRPC is served
+
                     server = build_ttrpc_server(build_methods(aa, hub))
                     await server.start(path)
                     self._ttrpc.append((path, server))
@@ -248,6 +250,16 @@ class App:
                 await asyncio.to_thread(_ocicrypt_config, config.ttrpc_cdh_socket, config.data_hub.ocicrypt_config)
             await self._download_credentials(config.data_hub.credentials)
         self._ready.set()
+        if self.kbs is not None and self._backend is self.kbs and config.kbs.preload:
+            self._preload = asyncio.get_running_loop().create_task(self._preload_kbs())
+
+    async def _preload_kbs(self) -> None:
+        """Load the KBS client's modules in a thread once serving: the first GetResource then does not wait for
+        them, and the first calls after start (kata-agent's) are not slowed by an import holding the GIL."""
+        from agent.kbs.client import preload
+
+        await asyncio.sleep(PRELOAD_DELAY_S)
+        await asyncio.to_thread(preload)
 
     async def _download_credentials(self, credentials: Sequence[CredentialFile]) -> None:
         assert self.hub is not None
@@ -268,6 +280,11 @@ class App:
 
     async def close(self) -> None:
         """Stop accepting, let in-flight calls finish briefly, and release every client."""
+        if self._preload is not None:
+            self._preload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._preload
+            self._preload = None
         if self._grpc is not None:
             await self._grpc.stop()
             self._grpc = None

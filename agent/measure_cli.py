@@ -18,11 +18,13 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.errors import AgentError, EvidenceParseError
-from agent.tee import ccel, eventlog
+
+if TYPE_CHECKING:  # the event log modules load when an eventlog command runs, not for every cvm-agent command
+    from agent.tee import ccel, eventlog
 
 __all__ = ["add_commands", "run"]
 
@@ -93,6 +95,7 @@ def _measure(args: argparse.Namespace, call: Any) -> int:
 
 def _eventlog(args: argparse.Namespace, config: Config, call: Any) -> int:
     from agent.measurement import firmware_events, log_path
+    from agent.tee import eventlog
 
     try:
         if args.replay == "quote":
@@ -121,6 +124,8 @@ def _eventlog(args: argparse.Namespace, config: Config, call: Any) -> int:
 
 
 def _read_agent_log(path: str) -> tuple[ccel.Event, ...]:
+    from agent.tee import eventlog
+
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -137,7 +142,7 @@ def _read_agent_log(path: str) -> tuple[ccel.Event, ...]:
 
 def _from_agent_evidence(args: argparse.Namespace, call: Any) -> tuple[tuple[eventlog.LogItem, ...], Any, str]:
     from agent.api._gen import attestation_agent_pb2 as aa
-    from agent.tee import tdx
+    from agent.tee import eventlog, tdx
 
     reply = call(
         args.socket,
@@ -161,6 +166,8 @@ def _item_dict(item: eventlog.LogItem) -> dict[str, Any]:
 
 
 def _text(source: str, items: tuple[eventlog.LogItem, ...], report: eventlog.ReplayReport | None) -> str:
+    from agent.tee import ccel
+
     lines = [f"source: {source}", f"entries: {len(items)}"]
     for item in items:
         event = item.event

@@ -18,23 +18,24 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
-from agent.config import Config
 from agent.errors import EvidenceParseError, InvalidRequest, MeasurementError
-from agent.tee import ccel, eventlog
-from agent.tee._common import read_optional
-from agent.tee.base import Attester
-from agent.tee.journal import DEFAULT_LOG_PATH, Journal
-from agent.tee.registry import support
+
+if TYPE_CHECKING:  # the event log modules load only where runtime measurement is enabled
+    from agent.config import Config
+    from agent.tee import ccel
+    from agent.tee.base import Attester
+    from agent.tee.journal import Journal
 
 __all__ = ["MeasurementResult", "RuntimeMeasurement", "build_measurement", "log_path"]
 
 log = structlog.get_logger("agent.measurement")
 
 AAEL_PATH_ENV = "AAEL_PATH"
-MAX_FIELD_BYTES = eventlog.MAX_TEXT_BYTES
+DEFAULT_INIT_PCR = 17  # agent.tee.eventlog.DEFAULT_INIT_PCR (a test keeps them equal), without importing it
 
 
 class MeasurementResult(enum.IntEnum):
@@ -52,6 +53,8 @@ def log_path(config: Config, environ: Mapping[str, str]) -> str:
     env = environ.get(AAEL_PATH_ENV)
     if env:
         return env
+    from agent.tee.journal import DEFAULT_LOG_PATH
+
     return DEFAULT_LOG_PATH
 
 
@@ -60,7 +63,7 @@ class RuntimeMeasurement:
     """What ExtendRuntimeMeasurement does here. `journal` None with `enabled`: not supported, for `reason`."""
 
     enabled: bool
-    init_pcr: int = eventlog.DEFAULT_INIT_PCR
+    init_pcr: int = DEFAULT_INIT_PCR
     journal: Journal | None = None
     reason: str = ""
 
@@ -70,6 +73,8 @@ class RuntimeMeasurement:
         if self.journal is None:
             return MeasurementResult.NOT_SUPPORTED
         pcr = self.init_pcr if register_index is None else register_index
+        from agent.tee import eventlog
+
         try:
             rtmr = eventlog.rtmr_for_pcr(pcr)
             entry = eventlog.measurement_entry(domain, operation, content, rtmr=rtmr)
@@ -97,6 +102,9 @@ def build_measurement(
     tee = attester.tee
     if not settings.enabled:
         return RuntimeMeasurement(enabled=False, init_pcr=settings.init_pcr)
+    from agent.tee.journal import Journal
+    from agent.tee.registry import support
+
     factory = support(tee).runtime_registers
     if factory is None:
         reason = f"the {tee} TEE has no runtime measurement registers this agent can extend"
@@ -127,6 +135,9 @@ def build_measurement(
 
 def firmware_events(ccel_path: str) -> tuple[ccel.Event, ...]:
     """The firmware's CCEL events (none when the file does not exist); MeasurementError if it does not parse."""
+    from agent.tee import ccel
+    from agent.tee._common import read_optional
+
     raw = read_optional(Path(ccel_path), "the CCEL event log")
     if raw is None:
         return ()

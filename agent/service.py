@@ -16,18 +16,17 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from agent.errors import ConfigError, InvalidRequest, NotSupported
-from agent.kbs.client import KbsClient
 from agent.kbs.resource import ResourceUri, parse_resource_uri
 from agent.keyprovider.service import GuestKeyProvider
-from agent.measurement import MeasurementResult, RuntimeMeasurement
-from agent.secrets import sealed
-from agent.tee.base import Attester
 
 if TYPE_CHECKING:
     from agent.image.pull import ImagePuller
     from agent.image.settings import ImageConfig
+    from agent.kbs.client import KbsClient
+    from agent.measurement import MeasurementResult, RuntimeMeasurement
+    from agent.tee.base import Attester
 
-__all__ = ["AttestationAgent", "DataHub", "MeasurementResult", "ResourceBackend", "pull_image_measurement"]
+__all__ = ["AttestationAgent", "DataHub", "ResourceBackend", "pull_image_measurement"]
 
 log = structlog.get_logger("agent.service")
 
@@ -51,7 +50,11 @@ class AttestationAgent:
         self._attester = attester
         self._kbs = kbs
         self._ready = ready
-        self._measurement = measurement or RuntimeMeasurement(enabled=False)
+        if measurement is None:
+            from agent.measurement import RuntimeMeasurement
+
+            measurement = RuntimeMeasurement(enabled=False)
+        self._measurement = measurement
 
     async def _wait_ready(self) -> None:
         """Calls that use the TEE or the KBS wait until start-up checks (initdata binding) have passed."""
@@ -117,16 +120,18 @@ class AttestationAgent:
 
 
 MEASUREMENT_DOMAIN = "github.com/confidential-containers"
-Extend = Callable[[str, str, str], Awaitable[MeasurementResult]]
+Extend = Callable[[str, str, str], Awaitable["MeasurementResult"]]
 Measure = Callable[[str, str], Awaitable[None]]
 
 
 def pull_image_measurement(extend: Extend) -> Measure:
     """The `PullImage` event after a pull, through `extend(domain, operation, content)` (the attestation agent's
     ExtendRuntimeMeasurement): OK is logged, NOT_SUPPORTED / NOT_ENABLED are warnings, an error fails the pull."""
-    from agent.image.pull import measurement_content
 
     async def measure(image_url: str, digest: str) -> None:
+        from agent.image.pull import measurement_content  # the image modules load at the first PullImage
+        from agent.measurement import MeasurementResult
+
         result = await extend(MEASUREMENT_DOMAIN, "PullImage", measurement_content(image_url, digest))
         if result == MeasurementResult.OK:
             log.info("image.measurement.extended", image=image_url, digest=digest)
@@ -211,6 +216,8 @@ class DataHub:
         if len(secret) > MAX_SEALED_SECRET:
             msg = f"sealed secret is {len(secret)} bytes, expected at most {MAX_SEALED_SECRET}"
             raise InvalidRequest(msg)
+        from agent.secrets import sealed  # cryptography (ES256) loads at the first sealed secret
+
         if self._skip_verification:
             log.warning("sealed_secret.unverified", warning="signature verification is disabled (insecure)")
             payload = sealed.parse_unverified(secret)
@@ -229,6 +236,8 @@ class DataHub:
         return await self.get_resource(payload.name)
 
     async def _verification_key(self, kid: str) -> bytes:
+        from agent.secrets import sealed
+
         if sealed.kid_is_resource_uri(kid):
             return await self.get_resource(kid)
         if not _LOCAL_KID.fullmatch(kid):

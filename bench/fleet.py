@@ -25,6 +25,8 @@ from pathlib import Path
 
 import structlog
 
+from bench.common import Row
+
 
 async def agent(url: str, seconds: float, rate: float) -> dict[str, object]:
     from agent.config import KbsConfig
@@ -81,6 +83,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  p99 vs floor p99     {short.p99 / floor.p99:.2f} (goal <= 2: renewals add no tail of their own)")
     return 0
+
+
+def rows(agents: int = 10, seconds: float = 45.0, rate: float = 4.0, token_s: float = 20.0) -> list[Row]:
+    """The `make bench` rows: handshakes the KBS counted, and the latency tail against the no-renewal floor."""
+    args = argparse.Namespace(agents=agents, seconds=seconds, rate=rate)
+    short = fleet(args, token_s)
+    floor = fleet(args, 100 * seconds)
+    goal = (int(seconds / (0.75 * token_s)) + 1) * agents
+    shape = f"{agents} agents x {seconds:g} s x {rate:g} fetches/s, {token_s:g} s tokens"
+    return [
+        Row(
+            f"fleet handshakes ({shape})",
+            f"{short.handshakes} of {short.fetches} fetches",
+            f"{short.fetches} (one per fetch)",
+            short.handshakes / goal,
+            f"<= {goal} (ratio to {goal})",
+            1.0,
+        ),
+        Row(
+            f"fleet steady latency p99 / p50 ({shape})",
+            f"p50 {short.p50 * 1000:.1f} ms, p99 {short.p99 * 1000:.1f} ms",
+            f"no-renewal fleet: p50 {floor.p50 * 1000:.1f} ms, p99 {floor.p99 * 1000:.1f} ms",
+            short.p99 / short.p50,
+            "<= 2x p50",
+            2.0,
+        ),
+    ]
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import grpc
 import httpx
 
 from agent.api._gen import api_pb2
+from bench.common import Row
 from tests.fakes.registry import LAYER_GZIP, OCI_CONFIG, OCI_MANIFEST, Registry, registry_available
 
 CHUNK = 1 << 20
@@ -138,15 +139,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    result = measure(args.size_mib, args.layers, args.rounds)
+    if isinstance(result, str):
+        print(f"bench.pull skipped: {result}")
+        return 0
+    mib, floor_s, pull_s, idle, peak = result
+    print(
+        f"image: {args.layers} layers, {args.size_mib} MiB unpacked, {mib:.0f} MiB compressed; medians of {args.rounds}"
+    )
+    print(f"floor (httpx download + tar -xzf, 3 at once): {floor_s:6.2f} s  {mib / floor_s:6.1f} MiB/s")
+    print(f"PullImage (cvm-agent serve, to mounted rootfs): {pull_s:6.2f} s  {mib / pull_s:6.1f} MiB/s")
+    print(f"throughput ratio floor/pull: {floor_s / pull_s:.2f} (goal >= 0.8)")
+    print(
+        f"agent RSS: idle {idle / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
+        f"peak - idle {(peak - idle) / 1024:.1f} MiB (goal <= 64)"
+    )
+    return 0
+
+
+def rows(size_mib: int = 32, layers: int = 4, rounds: int = 3) -> list[Row]:
+    """The `make bench` rows: PullImage throughput against its floor, and the pull's memory growth."""
+    result = measure(size_mib, layers, rounds)
+    if isinstance(result, str):
+        return [Row(f"PullImage throughput ({size_mib} MiB image)", f"skipped: {result}", "", None, ">= 0.8x floor")]
+    mib, floor_s, pull_s, idle, peak = result
+    growth = (peak - idle) / 1024
+    return [
+        Row(
+            f"PullImage throughput ({size_mib} MiB unpacked, {mib:.0f} MiB gzip, {layers} layers)",
+            f"{mib / pull_s:.1f} MiB/s",
+            f"{mib / floor_s:.1f} MiB/s httpx download + tar -xzf",
+            floor_s / pull_s,
+            ">= 0.8x",
+            0.8,
+            at_least=True,
+        ),
+        Row("PullImage agent RSS growth", f"{growth:.1f} MiB", f"idle {idle / 1024:.1f} MiB", None, "<= 64 MiB"),
+    ]
+
+
+def measure(size_mib: int, layer_count: int, rounds: int) -> tuple[float, float, float, int, int] | str:
+    """(compressed MiB, floor s, pull s, agent idle RSS KiB, peak RSS KiB), medians; or why it cannot run here."""
     reason = registry_available() or (None if os.geteuid() == 0 else "mounting needs root")
     if reason:
-        print(f"bench.pull skipped: {reason}")
-        return 0
+        return reason
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         root = Path(tmp)
-        per_layer = args.size_mib * CHUNK // args.layers
-        print(f"building {args.layers} layers, {args.size_mib} MiB of files ...", flush=True)
-        layers = [make_layer(root / f"l{i}.tar.gz", per_layer, i) for i in range(args.layers)]
+        per_layer = size_mib * CHUNK // layer_count
+        print(f"bench.pull: building {layer_count} layers, {size_mib} MiB of files ...", file=sys.stderr, flush=True)
+        layers = [make_layer(root / f"l{i}.tar.gz", per_layer, i) for i in range(layer_count)]
         compressed = sum(size for _, _, size in layers)
         with Registry(root / "registry") as registry:
             repo = "bench/big"
@@ -177,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 assert response.status_code == 201, response.text
             floors, pulls, growth = [], [], []
-            for round_ in range(args.rounds):  # alternated, so a change in machine load hits both sides
+            for round_ in range(rounds):  # alternated, so a change in machine load hits both sides
                 floor_dir = root / "floor"
                 floor_dir.mkdir()
                 floors.append(floor(registry.url, repo, layers, floor_dir))
@@ -187,18 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 growth.append((idle, peak))
             floor_s, pull_s = statistics.median(floors), statistics.median(pulls)
             idle, peak = max(growth, key=lambda g: g[1] - g[0])
-    mib = compressed / CHUNK
-    print(
-        f"image: {args.layers} layers, {args.size_mib} MiB unpacked, {mib:.0f} MiB compressed; medians of {args.rounds}"
-    )
-    print(f"floor (httpx download + tar -xzf, 3 at once): {floor_s:6.2f} s  {mib / floor_s:6.1f} MiB/s")
-    print(f"PullImage (cvm-agent serve, to mounted rootfs): {pull_s:6.2f} s  {mib / pull_s:6.1f} MiB/s")
-    print(f"throughput ratio floor/pull: {floor_s / pull_s:.2f} (goal >= 0.8)")
-    print(
-        f"agent RSS: idle {idle / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
-        f"peak - idle {(peak - idle) / 1024:.1f} MiB (goal <= 64)"
-    )
-    return 0
+    return compressed / CHUNK, floor_s, pull_s, idle, peak
 
 
 def pull_with_agent(root: Path, registry: Registry, repo: str) -> tuple[float, int, int]:
@@ -214,7 +244,9 @@ def pull_with_agent(root: Path, registry: Registry, repo: str) -> tuple[float, i
         f'[[image.registry_config.registry]]\nlocation = "{registry.host}"\ninsecure = true\n'
     )
     agent = subprocess.Popen(
-        [str(Path(sys.executable).parent / "cvm-agent"), "serve", "--config", str(config)], stdout=subprocess.DEVNULL
+        [str(Path(sys.executable).parent / "cvm-agent"), "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30

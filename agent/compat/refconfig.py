@@ -27,7 +27,7 @@ from typing import Any
 from agent.config import EventlogConfig
 from agent.errors import ConfigError
 from agent.image.settings import ImageConfig, parse_image_table
-from agent.kbs.jwe import KeyAlgorithm
+from agent.kbs.keyalg import KeyAlgorithm
 from agent.tee.kinds import TEE_CHOICES
 
 __all__ = [

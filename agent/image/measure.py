@@ -17,7 +17,7 @@ from agent.errors import ImageError
 
 if TYPE_CHECKING:
     from agent.api.ttrpc import TtrpcClient
-    from agent.service import MeasurementResult
+    from agent.measurement import MeasurementResult
 
 __all__ = ["AA_MEASUREMENT_TIMEOUT_S", "AaMeasurementClient"]
 
@@ -39,7 +39,7 @@ class AaMeasurementClient:
         from agent.api.names import AA_SERVICE
         from agent.api.status import RpcError
         from agent.api.ttrpc import TtrpcClient
-        from agent.service import MeasurementResult
+        from agent.measurement import MeasurementResult
 
         if self._absent is None:
             self._absent = not await asyncio.to_thread(os.path.exists, self._path)

@@ -20,22 +20,28 @@ from __future__ import annotations
 
 import asyncio
 import random
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
 import structlog
 
 from agent import __version__
 from agent.config import KbsConfig
 from agent.errors import AgentError, ConfigError, DecryptionError, KbsError, KbsProtocolError, KbsTransportError
 from agent.kbs import protocol
-from agent.kbs.jwe import TeeKeyPair, decrypt
+from agent.kbs.keyalg import KeyAlgorithm
 from agent.kbs.resource import ResourceUri
 from agent.shared import SharedValue
-from agent.tee.base import Attester
+
+if TYPE_CHECKING:  # httpx, ssl and cryptography (agent.kbs.jwe) load at the first KBS exchange, not at start-up
+    import ssl
+
+    import httpx
+
+    from agent.kbs.jwe import TeeKeyPair
+    from agent.tee.base import Attester
 
 __all__ = [
     "AttestedSession",
@@ -44,19 +50,22 @@ __all__ = [
     "KbsHttp",
     "build_ssl_context",
     "fetch_resource",
+    "preload",
 ]
 
 log = structlog.get_logger("agent.kbs")
 
-_RETRYABLE = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _USER_AGENT = f"cvm-agent/{__version__}"
 _REFRESH_FRACTION = (0.75, 0.80)  # of the token lifetime, with jitter
 _EXPIRY_GUARD = 0.1  # of the lifetime, at most `token_refresh_margin_s`: stop serving a token this close to exp
 _MAX_BACKOFF_S = 60.0
+_INLINE_DECRYPT_BYTES = 16 * 1024  # P-256 JWEs up to this size are decrypted on the event loop; others in a thread
 
 
 def build_ssl_context(cert_path: str | None, cert_pem: str | None = None) -> ssl.SSLContext:
     """System roots plus an optional extra CA certificate (PEM file, or PEM text as the reference `cert`)."""
+    import ssl
+
     context = ssl.create_default_context()
     try:
         if cert_path is not None:
@@ -72,7 +81,8 @@ def build_ssl_context(cert_path: str | None, cert_pem: str | None = None) -> ssl
 class KbsHttp:
     """HTTP to one KBS: one deadline per exchange, raw bounded bodies, bounded retries of transient failures.
 
-    Shared by the background-check client (`KbsClient`) and the passport-mode client.
+    Shared by the background-check client (`KbsClient`) and the passport-mode client. The HTTP client (and
+    httpx with it) is built at the first exchange, so a process that never reaches its KBS never loads it.
     """
 
     def __init__(
@@ -91,21 +101,39 @@ class KbsHttp:
         self._max_bytes = config.max_response_bytes
         self._attempts = max(1, attempts)
         self._sleep = sleep
-        https = self.url.startswith("https://")
-        verify: ssl.SSLContext | bool = build_ssl_context(config.cert_path, config.cert_pem) if https else False
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            verify=verify,
-            trust_env=False,
-            follow_redirects=False,
-            timeout=httpx.Timeout(config.timeout_s),
-            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-            # keep pooled connections shorter-lived than the KBS's ~5 s keep-alive (kbs-protocol.md §9)
-            limits=httpx.Limits(keepalive_expiry=4.0),
-        )
+        self._config = config
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            if self._closed:
+                msg = f"the client of the KBS at {self.url} is closed"
+                raise KbsTransportError(msg)
+            import httpx
+
+            _no_sniffio()
+            config = self._config
+            https = self.url.startswith("https://")
+            verify: ssl.SSLContext | bool = build_ssl_context(config.cert_path, config.cert_pem) if https else False
+            self._client = httpx.AsyncClient(
+                transport=self._transport,
+                verify=verify,
+                trust_env=False,
+                follow_redirects=False,
+                timeout=httpx.Timeout(config.timeout_s),
+                headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
+                # keep pooled connections shorter-lived than the KBS's ~5 s keep-alive (kbs-protocol.md §9)
+                limits=httpx.Limits(keepalive_expiry=4.0),
+            )
+        return self._client
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        self._closed = True
+        if self._client is not None:
+            await self._client.aclose()
 
     async def exchange(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
         """Send one request and read the whole answer, all within `kbs.timeout_s`."""
@@ -120,12 +148,15 @@ class KbsHttp:
             raise KbsTransportError(msg) from None
 
     async def _exchange(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
+        import httpx
+
+        retryable = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
         method, path = request.method, request.path
         for attempt in range(1, self._attempts + 1):
             started = time.monotonic()
             try:
                 status, body, headers = await self._once(request)
-            except _RETRYABLE as exc:
+            except retryable as exc:
                 log.warning("kbs.exchange.failed", method=method, path=path, attempt=attempt, error=type(exc).__name__)
                 if attempt == self._attempts:
                     msg = f"KBS at {self.url} is unreachable: {type(exc).__name__}: {exc}"
@@ -178,6 +209,31 @@ class KbsHttp:
             return response.status_code, b"".join(chunks), response.headers
 
 
+def preload() -> None:
+    """Import what the first handshake and fetch need (httpx and its async backend, the TEE key and JWE
+    cryptography). Blocking: `App` runs it in a thread once the process serves, so the first GetResource does not
+    pay for it; without it the same imports happen on that call."""
+    import anyio._backends._asyncio  # noqa: F401 - httpcore loads it at the first request
+    import httpcore  # noqa: F401 - httpx loads it when its first client is built
+    import httpx  # noqa: F401
+
+    import agent.jws  # token parsing
+    import agent.kbs.jwe  # noqa: F401
+
+    _no_sniffio()
+
+
+def _no_sniffio() -> None:
+    """httpcore tries `import sniffio` on every lock it takes (about four per request) and newer anyio no longer
+    installs it; a failed import searches all of sys.path each time (~75 us). Recording it as absent, as the import
+    system does for `None` entries, makes each attempt a dictionary look-up. Nothing changes if it is installed."""
+    import importlib.util
+    import sys
+
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
 async def _in_memory(content: bytes) -> AsyncIterator[bytes]:
     yield content
 
@@ -210,7 +266,7 @@ class AttestedSession:
         return f"AttestedSession(exp={self.token.exp})"
 
 
-Attest = Callable[[], Awaitable[tuple[protocol.RcarSession, TeeKeyPair]]]
+Attest = Callable[[], Awaitable[tuple[protocol.RcarSession, "TeeKeyPair"]]]
 
 
 class CredentialCache:
@@ -327,7 +383,12 @@ async def fetch_resource(http: KbsHttp, credentials: CredentialCache, uri: Resou
             attested = await credentials.get(stale=attested)
             continue
         assert isinstance(outcome, bytes)
+        from agent.kbs.jwe import decrypt
+
         try:
+            small = len(outcome) <= _INLINE_DECRYPT_BYTES
+            if small and attested.keypair.algorithm is KeyAlgorithm.EC_P256:  # ~0.2 ms: less than a thread hop
+                return decrypt(attested.keypair, outcome)
             return await asyncio.to_thread(decrypt, attested.keypair, outcome)
         except DecryptionError:
             msg = f"KBS at {http.url}: the response for resource {uri.path} cannot be decrypted with the agent's key"
@@ -374,6 +435,8 @@ class KbsClient:
         await self.http.aclose()
 
     async def _handshake(self) -> tuple[protocol.RcarSession, TeeKeyPair]:
+        from agent.kbs.jwe import TeeKeyPair
+
         keypair = await asyncio.to_thread(TeeKeyPair.generate, self._config.tee_key_algorithm)
         session = protocol.RcarSession(
             tee=self._attester.tee, tee_pubkey=keypair.public_jwk(), kbs=self.http.url, init_data_toml=self._init_data

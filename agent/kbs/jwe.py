@@ -10,7 +10,6 @@ opaque `DecryptionError`. `encrypt()` exists for the development KBS and for tes
 
 from __future__ import annotations
 
-import enum
 import json
 import secrets
 import struct
@@ -25,26 +24,15 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from agent.errors import DecryptionError
+from agent.kbs.keyalg import ECDH_ES_A256KW, RSA_OAEP_256, KeyAlgorithm
 from agent.strictjson import b64url_decode, b64url_encode, load_json_object
 
 __all__ = ["KeyAlgorithm", "TeeKeyPair", "decrypt", "encrypt"]
 
 _ENC = "A256GCM"
-_ECDH = "ECDH-ES+A256KW"
-_RSA_OAEP = "RSA-OAEP-256"
+_ECDH = ECDH_ES_A256KW
+_RSA_OAEP = RSA_OAEP_256
 _MAX_JWE_BYTES = 64 * 1024 * 1024
-
-
-class KeyAlgorithm(enum.Enum):
-    """TEE key algorithms, named as the reference AA config key `tee_key_algorithm` names them."""
-
-    EC_P256 = "ECDH-ES+A256KW-P256"
-    EC_P521 = "ECDH-ES+A256KW-P521"
-    RSA_OAEP_256 = "RSA-OAEP-256"
-
-    @property
-    def jwe_alg(self) -> str:
-        return _RSA_OAEP if self is KeyAlgorithm.RSA_OAEP_256 else _ECDH
 
 
 _CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {

@@ -13,16 +13,19 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
 
 from agent.config import KbsConfig
 from agent.errors import KbsProtocolError
 from agent.kbs import protocol
 from agent.kbs.client import CredentialCache, KbsHttp, fetch_resource
-from agent.kbs.jwe import TeeKeyPair
 from agent.kbs.resource import ResourceUri
 from agent.strictjson import load_json_object
+
+if TYPE_CHECKING:  # httpx and cryptography load at the first resource fetch
+    import httpx
+
+    from agent.kbs.jwe import TeeKeyPair
 
 __all__ = ["PassportClient", "TokenPair", "parse_token_reply"]
 
@@ -38,6 +41,8 @@ class TokenPair:
 
 def parse_token_reply(data: bytes) -> TokenPair:
     """The AA's `GetToken("kbs")` payload `{"token": "<JWT>", "tee_keypair": "<PEM>"}`."""
+    from agent.kbs.jwe import TeeKeyPair
+
     value = load_json_object(data, "the attestation agent's token reply", error=KbsProtocolError)
     token, pem = value.get("token"), value.get("tee_keypair")
     try:

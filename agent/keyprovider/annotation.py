@@ -31,10 +31,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from agent.errors import DecryptionError, InvalidRequest, InvalidResourceUri, NotSupported
 from agent.kbs.resource import parse_resource_uri
 from agent.strictjson import b64decode_std as _b64decode_std
@@ -205,6 +201,9 @@ def wrap(
     (reusing a GCM IV under one KEK destroys confidentiality and integrity).
     Raises `InvalidRequest` for a bad KEK length, kid, wrap type, IV length or oversized optsdata.
     """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # at the first layer key
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     _check_kek(kek)
     kind = _wrap_type(wrap_type, "`wrap_type`")
     # the same URI rule the agent's GetResource applies, so every kid `wrap` writes can be fetched again
@@ -239,6 +238,10 @@ def unwrap(kek: bytes, packet: AnnotationPacket) -> bytes:
     Raises `NotSupported` for a provider other than `kbs`, `InvalidRequest` for a KEK that is not 32 bytes,
     and `DecryptionError` (with no detail) when A256GCM authentication fails.
     """
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # at the first layer key
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     if packet.provider != KBS_PROVIDER:
         msg = f"annotation packet provider {_shown(packet.provider)} is not supported, expected 'kbs'."
         raise NotSupported(msg)

@@ -30,7 +30,8 @@ from agent.config import KbsConfig, ListenAddress
 from agent.image.measure import AaMeasurementClient
 from agent.image.settings import ImageConfig
 from agent.kbs.client import KbsClient
-from agent.service import AttestationAgent, DataHub, MeasurementResult, pull_image_measurement
+from agent.measurement import MeasurementResult
+from agent.service import AttestationAgent, DataHub, pull_image_measurement
 from agent.tee.sample import SampleAttester
 from tests.fakes.registry import (
     LAYER_GZIP,

@@ -18,6 +18,7 @@ def test_defaults() -> None:
     assert cfg.socket.unix_path == "/run/confidential-containers/cvm-agent/agent.sock"
     assert cfg.kbs.url is None
     assert cfg.kbs.tee_key_algorithm is KeyAlgorithm.EC_P256
+    assert cfg.kbs.preload
 
 
 def test_full_file(tmp_path: Path) -> None:
@@ -34,6 +35,7 @@ tee_key_algorithm = "RSA-OAEP-256"
 timeout_s = 5
 max_response_bytes = 4096
 token_refresh_margin_s = 0
+preload = false
 [log]
 level = "DEBUG"
 format = "json"
@@ -48,6 +50,8 @@ format = "json"
     assert cfg.kbs.cert_path == "/etc/ca.pem"
     assert cfg.kbs.tee_key_algorithm is KeyAlgorithm.RSA_OAEP_256
     assert cfg.kbs.timeout_s == 5.0
+    assert not cfg.kbs.preload
+    assert cfg.describe()["kbs"]["preload"] is False
     assert cfg.log.level == "debug"
     assert not cfg.kbs.insecure_http
 
@@ -58,6 +62,7 @@ format = "json"
         ({"tee": "tdx2"}, "`tee` is 'tdx2', expected one of: auto, tdx, snp, sample"),
         ({"teee": "sample"}, "`teee` is not a known key"),
         ({"kbs": {"url": "ftp://x"}}, "`kbs.url` is 'ftp://x', expected an http:// or https:// URL with a host"),
+        ({"kbs": {"preload": "yes"}}, "`kbs.preload` is 'yes', expected true or false"),
         ({"kbs": {"url": "http://"}}, "`kbs.url` is 'http://'"),
         ({"kbs": {"url": "http://u:p@h"}}, "credentials are not allowed"),
         ({"kbs": {"url": "http://h:99999"}}, "the port is not valid"),

@@ -143,3 +143,12 @@ class TestExtend:
         aael = event.aael()
         assert aael is not None
         assert aael.text == f"github.com/confidential-containers PullImage {content}"
+
+
+def test_the_default_init_pcr_is_the_event_log_modules_own() -> None:
+    """`agent.measurement` keeps its own copy so that it loads no event-log module where measurement is off."""
+    from agent import measurement
+    from agent.tee import eventlog
+
+    assert measurement.DEFAULT_INIT_PCR == eventlog.DEFAULT_INIT_PCR == cfg.EventlogConfig().init_pcr
+    assert RuntimeMeasurement(enabled=False).init_pcr == eventlog.DEFAULT_INIT_PCR

@@ -99,8 +99,7 @@ async def test_unexpected_exception_hides_its_text() -> None:
 
 async def test_runtime_measurement_answers() -> None:
     from agent.config import Config, EventlogConfig
-    from agent.measurement import build_measurement
-    from agent.service import MeasurementResult
+    from agent.measurement import MeasurementResult, build_measurement
 
     disabled = AttestationAgent(SampleAttester(), None)
     sample_measurement = build_measurement(Config(eventlog=EventlogConfig(enabled=True)), SampleAttester())

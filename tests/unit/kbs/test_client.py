@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -359,3 +360,48 @@ async def test_a_shared_handshake_ends_at_its_own_deadline() -> None:
     ] * 3
     assert all(isinstance(r, KbsTransportError) for r in results)
     assert client.handshakes == 1
+
+
+class SlowQuoteAttester(SampleAttester):
+    """A sample attester whose quote blocks a worker thread until the event loop has served someone else."""
+
+    def __init__(self) -> None:
+        self.quotes = 0
+        self.quote_started = asyncio.Event()
+        self.served_meanwhile = threading.Event()
+
+    async def get_evidence(self, runtime_data: bytes) -> bytes:
+        self.quotes += 1
+        self.quote_started.set()
+        # a configfs quote takes ~1 s; the loop must keep serving while it runs (`served_meanwhile` is set by
+        # another coroutine on the loop: if the loop were blocked, the wait would time out and fail the handshake)
+        if not await asyncio.to_thread(self.served_meanwhile.wait, 10):
+            msg = "the event loop did not run while the quote was taken"
+            raise AssertionError(msg)
+        return await super().get_evidence(runtime_data)
+
+
+async def test_one_quote_per_handshake_and_the_loop_serves_meanwhile() -> None:
+    kbs, attester = FakeKbs(), SlowQuoteAttester()
+    client = KbsClient(
+        KbsConfig(url="https://kbs.test"), attester, transport=httpx.MockTransport(kbs), clock=lambda: kbs.now[0]
+    )
+    async with client:
+        fetch = asyncio.create_task(client.get_resource(URI))
+        await attester.quote_started.wait()
+        assert not fetch.done()
+        attester.served_meanwhile.set()  # another caller served on the loop while the quote is pending
+        assert await fetch == SECRET_VALUE
+        await client.fresh_session()
+    assert attester.quotes == 2
+    assert client.handshakes == 2
+
+
+async def test_a_warm_get_resource_is_exactly_one_kbs_request() -> None:
+    kbs = FakeKbs()
+    async with fake_client(kbs) as client:
+        await client.get_resource(URI)
+        before = dict(kbs.calls)
+        for _ in range(5):
+            assert await client.get_resource(URI) == SECRET_VALUE
+    assert kbs.calls == {"auth": before["auth"], "attest": before["attest"], "resource": before["resource"] + 5}
