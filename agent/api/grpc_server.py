@@ -30,7 +30,9 @@ from collections.abc import Iterable
 
 import grpc
 import grpc.aio
+import structlog
 
+from agent.api.budget import ReplyBudget
 from agent.api.methods import Method, ReplyLimit
 from agent.api.sockets import prepare_socket_path, remove_socket, secure_socket
 from agent.api.status import RpcError, StatusCode
@@ -40,7 +42,7 @@ __all__ = ["MAX_CONNECTIONS", "MAX_HANDLERS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_CONNECTIONS = 64
-MAX_HANDLERS = 64
+MAX_HANDLERS = 16
 MAX_STREAMS = 32
 """Calls open at once on one connection: a peer that never reads holds at most this many replies (≤ 4 MiB
 each) until it is dropped. Lower limits refuse a client's opening burst (streams sent before our SETTINGS)."""
@@ -68,6 +70,8 @@ _OPTIONS: list[tuple[str, int]] = [
 ]
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
+log = structlog.get_logger("agent.grpc")
+
 
 class _Handlers:
     """At most `limit` handlers at work; a call waits up to `wait_s` for one, then is RESOURCE_EXHAUSTED.
@@ -87,7 +91,7 @@ class _Handlers:
         return self._slots
 
 
-def _handler(method: Method, handlers: _Handlers) -> grpc.RpcMethodHandler[bytes, bytes]:
+def _handler(method: Method, handlers: _Handlers, budget: ReplyBudget) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def behaviour(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         remaining: float | None = context.time_remaining()  # None without a deadline (typed float)
         deadline = time.monotonic() + remaining if remaining is not None else None
@@ -99,25 +103,45 @@ def _handler(method: Method, handlers: _Handlers) -> grpc.RpcMethodHandler[bytes
             text = f"more than {handlers.limit} calls in progress for {handlers.wait_s:g} s"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
         try:
-            return await method.invoke(request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
+            reply = await method.invoke(request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
         except RpcError as exc:
             await context.abort(_GRPC_CODES[int(exc.code)], exc.message)
             raise  # pragma: no cover - abort raises
         finally:
-            slots.release()
+            slots.release()  # what follows waits for the budget and the peer, not for the agent
+        del request
+        charge = await budget.charge(len(reply))
+        if charge is None:
+            size = len(reply)
+            del reply
+            log.warning("grpc.reply.refused", rpc=method.path, code="RESOURCE_EXHAUSTED", length=size)
+            text = (
+                f"reply is {size} bytes and the {budget.limit_bytes}-byte reply budget is held by replies waiting"
+                " for their readers; try again"
+            )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+        # gRPC core holds the reply until the peer has taken it or the call ends (the peer is gone)
+        context.add_done_callback(lambda _context: charge.release())  # type: ignore[arg-type]  # stub: a class
+        return reply
 
     return grpc.unary_unary_rpc_method_handler(behaviour)
 
 
 class GrpcServer:
-    """Serves the method table on unix sockets and optional loopback TCP addresses."""
+    """Serves the method table on unix sockets and optional loopback TCP addresses.
 
-    def __init__(self, methods: Iterable[Method], addresses: Iterable[ListenAddress]) -> None:
+    `reply_budget` bounds the replies held for peers (shared with the ttRPC servers in the daemon).
+    """
+
+    def __init__(
+        self, methods: Iterable[Method], addresses: Iterable[ListenAddress], *, reply_budget: ReplyBudget | None = None
+    ) -> None:
         self._addresses = list(addresses)
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[bytes, bytes]]] = defaultdict(dict)
         handlers = _Handlers(MAX_HANDLERS)
+        self.reply_budget = reply_budget if reply_budget is not None else ReplyBudget()
         for method in methods:
-            by_service[method.service][method.name] = _handler(method, handlers)
+            by_service[method.service][method.name] = _handler(method, handlers, self.reply_budget)
         self._server = grpc.aio.server(options=_OPTIONS)
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in by_service.items()]
