@@ -14,10 +14,18 @@ Bounds against hostile local clients (all enforced by gRPC core):
     idle connection                    closed (GOAWAY) after 10 s without calls; gRPC clients reconnect
     calls                              `MAX_STREAMS` (32) streams per connection (a lower limit refuses
                                        a client's opening burst: streams sent before our SETTINGS);
-                                       `MAX_HANDLERS` handlers at work, a further call waits up to
+                                       `MAX_HANDLERS` (64) handlers at work, a further call waits up to
                                        10 s for one, then is answered RESOURCE_EXHAUSTED
     peer that does not read            keepalive pings every 2 s, SETTINGS and pings must be answered
                                        within 5 s: such a peer is dropped with everything it holds
+    replies over 64 KiB                charged by the handler to the process's reply budget (shared
+                                       with ttRPC; `agent.api.budget`) until the call ends, which for
+                                       a peer that does not read is when it is dropped; a reply the
+                                       budget refuses is answered RESOURCE_EXHAUSTED
+
+What gRPC core still holds outside the budget: request messages (≤ 4 MiB) of up to `MAX_STREAMS` calls per
+connection, waiting for a handler, and its own HTTP/2 buffers; the handlers' working memory is bounded by
+`MAX_HANDLERS` only.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ __all__ = ["MAX_CONNECTIONS", "MAX_HANDLERS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_CONNECTIONS = 64
-MAX_HANDLERS = 16
+MAX_HANDLERS = 64
 MAX_STREAMS = 32
 """Calls open at once on one connection: a peer that never reads holds at most this many replies (≤ 4 MiB
 each) until it is dropped. Lower limits refuse a client's opening burst (streams sent before our SETTINGS)."""

@@ -181,7 +181,7 @@ class TtrpcServer:
         declared_but_unimplemented: Mapping[str, Iterable[str]] | None = None,
         max_connections: int = 64,
         max_in_flight: int = 4,
-        max_handlers: int = 16,
+        max_handlers: int = 8,
         reply_budget: ReplyBudget | None = None,
         write_timeout_s: float = 10.0,
         evict_idle_after_s: float = 0.5,

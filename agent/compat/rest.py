@@ -331,6 +331,7 @@ async def _serve_admitted(
     except Exception as exc:  # an agent bug: one safe line, a generic answer
         log_crash("rest.crash", exc, method=method, path=_path_of(target))
         reply = _text(500, "internal error")
+    conn.waiting_since = time.monotonic()  # a reply waiting for budget may make room for a new connection
     charge = await budget.charge(len(reply.body)) if budget is not None else Charge(None, 0)
     if charge is None:
         log.warning("rest.reply.refused", method=method, path=_path_of(target), length=len(reply.body))
