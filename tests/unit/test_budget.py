@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from agent.api.budget import EXEMPT_REPLY_BYTES, ReplyBudget
+from agent.api.budget import EXEMPT_REPLY_BYTES, HandlerSlots, ReplyBudget
 
 MIB = 1024 * 1024
 
@@ -107,3 +107,85 @@ async def test_a_reply_larger_than_the_budget_is_charged_the_whole_budget() -> N
     assert budget.held == 8 * MIB
     charge.release()
     assert budget.held == 0
+
+
+async def test_a_reservation_waits_whatever_is_waiting_and_shrinks_to_the_reply() -> None:
+    budget = ReplyBudget(8 * MIB, wait_s=5, max_waiting_bytes=0)
+    held = await budget.charge(7 * MIB)
+    assert held is not None
+    assert await budget.charge(2 * MIB) is None  # a reply in memory may not wait here
+    reserving = asyncio.create_task(budget.charge(2 * MIB, reserve=True))  # nothing in memory yet: it may
+    await asyncio.sleep(0.01)
+    assert not reserving.done()
+    held.release()
+    reserved = await asyncio.wait_for(reserving, 1)
+    assert reserved is not None
+    assert budget.held == 2 * MIB
+    reserved.shrink_to(MIB)
+    assert budget.held == MIB
+    reserved.shrink_to(EXEMPT_REPLY_BYTES)  # an exempt reply: nothing stays charged
+    assert budget.held == 0
+    reserved.release()
+    assert budget.held == 0
+
+
+async def test_a_method_is_heavy_once_it_made_a_large_reply() -> None:
+    slots = HandlerSlots(3, heavy_limit=1)
+    budget = ReplyBudget(8 * MIB, wait_s=0.05)
+    assert slots.reply_size("/s/Big") == 0
+    slots.made("/s/Big", EXEMPT_REPLY_BYTES)
+    assert slots.reply_size("/s/Big") == 0
+    slots.made("/s/Big", 2 * MIB)
+    slots.made("/s/Big", MIB)
+    assert slots.reply_size("/s/Big") == 2 * MIB  # the largest it made
+    first = await slots.start("/s/Big", budget, framing=10)
+    assert first is not None
+    slot, reserved = first
+    assert reserved is not None
+    assert budget.held == 2 * MIB + 10  # reserved before any work
+    second = asyncio.create_task(slots.start("/s/Big", budget))  # one heavy call at a time
+    light = await asyncio.wait_for(slots.start("/s/Small", budget), 1)  # light calls do not queue behind it
+    assert light is not None
+    assert light[1] is None
+    await asyncio.sleep(0.01)
+    assert not second.done()
+    slot.release()
+    slot.release()  # idempotent
+    started = await asyncio.wait_for(second, 1)
+    assert started is not None
+    started[0].release()
+    light[0].release()
+    for charge in (reserved, started[1]):
+        assert charge is not None
+        charge.release()
+    assert budget.held == 0
+
+
+async def test_a_heavy_call_without_room_does_no_work() -> None:
+    slots = HandlerSlots(3)
+    budget = ReplyBudget(8 * MIB, wait_s=0.05)
+    slots.made("/s/Big", 7 * MIB)
+    held = await budget.charge(2 * MIB)
+    assert held is not None
+    assert await slots.start("/s/Big", budget) is None  # waited 50 ms for room, refused
+    held.release()
+    assert budget.held == 0
+
+
+async def test_a_call_queued_as_light_reserves_once_its_method_turns_heavy() -> None:
+    slots = HandlerSlots(1)
+    budget = ReplyBudget(8 * MIB, wait_s=5)
+    first = await slots.start("/s/Big", budget)
+    assert first is not None
+    queued = asyncio.create_task(slots.start("/s/Big", budget))  # waits as light
+    await asyncio.sleep(0.01)
+    slots.made("/s/Big", 3 * MIB)  # the first call's reply was large
+    first[0].release()
+    started = await asyncio.wait_for(queued, 1)
+    assert started is not None
+    assert started[1] is not None
+    assert started[1].size == 3 * MIB
+    started[0].release()
+    started[1].release()
+    with pytest.raises(ValueError, match="expected both at least 1"):
+        HandlerSlots(0)
