@@ -36,9 +36,9 @@ Bounds against hostile local clients (the reference has none of these; no well-b
     10 s (`write_timeout_s`)               sends and never reads)
     replies waiting to be written          no further request is read or dispatched until they are
                                            (back-pressure), and at most `max_in_flight` run at once
-    requests at work on all connections    at most `max_handlers`, of which at most 4 for methods that
-                                           have made a reply over 64 KiB (`HandlerSlots`); a
-                                           connection's next request waits (unread) for a slot
+    requests at work on all connections    at most `max_handlers` (16), of which at most 4 for methods
+                                           that have made a reply over 64 KiB (heavy, `HandlerSlots`);
+                                           a further request waits in its connection's in-flight slot
     a reply over 64 KiB                    charged to the process's reply budget (`agent.api.budget`,
                                            32 MiB by default) until the peer has taken it or is dropped;
                                            replies are written one at a time per connection; a reply

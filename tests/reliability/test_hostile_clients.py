@@ -7,9 +7,9 @@ idle connections beyond the connection cap, oversized frames/messages/heads, slo
 half-open connections.
 
 Ceilings are what the design guarantees, not what was measured: for clients that ask for large replies and
-never read, the reply budget (held, plus a quarter waiting for it) and the handlers at work (each the cost of
-serving one 3 MiB resource), the same for 8 attackers as for 64; for the others a small constant per
-connection.
+never read, the reply budget (held, plus a quarter waiting for it) and the heavy calls at work (each the cost
+of serving one 3 MiB resource), the same for 8 attackers as for 64 or 100; for the others a small constant per
+connection. GetResource is made known to be heavy before the attacks (`warm_up(big=True)`).
 
 `LEGIT_S` is 10 s in `make test` (a loaded machine must not fail the suite; a caller shut out by the attack
 would wait the full 10 s or more) and the strict 2 s of issue 9 in `make hostile` (HOSTILE_LEGIT_S=2).
@@ -31,15 +31,15 @@ import pytest
 
 from agent.api._gen import api_pb2
 from agent.api._gen import attestation_agent_pb2 as aa_pb2
-from agent.api.budget import DEFAULT_REPLY_BUDGET
-from agent.api.grpc_server import MAX_HANDLERS as GRPC_HANDLERS
-from agent.api.ttrpc import TtrpcClient, TtrpcServer
+from agent.api.budget import DEFAULT_REPLY_BUDGET, HandlerSlots
+from agent.api.ttrpc import TtrpcClient
 from agent.api.ttrpc_frame import MessageType, RpcRequest, encode_frame
 from tests.reliability.processes import Sampler, Served, rss_mib, serve_everything
 
 pytestmark = pytest.mark.integration
 
 AA = "attestation_agent.AttestationAgentService"
+RESOURCE = "api.GetResourceService"
 LEGIT_S = float(os.environ.get("HOSTILE_LEGIT_S", "10"))
 MIB = 1024 * 1024
 ALLOCATOR_SLACK_MIB = 64
@@ -48,14 +48,17 @@ REPLIES_MIB = 1.25 * DEFAULT_REPLY_BUDGET / MIB
 """Replies held for peers: the budget, and a quarter of it waiting for budget (agent.api.budget)."""
 CALL_MIB = 12
 """Transient memory of one GetResource of the 3 MiB resource at work (KBS body, base64, plaintext, reply)."""
-TTRPC_HANDLERS = TtrpcServer({}).max_handlers
+HEAVY_CALLS = HandlerSlots(1).heavy_limit
+"""Calls of a heavy method (one known to make large replies) at work at once, per server."""
+NON_READING_MIB = REPLIES_MIB + HEAVY_CALLS * CALL_MIB
+"""What peers that ask for large replies and never read can make a server hold, however many they are."""
 FIGURES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with serve_everything(tmp_path_factory.mktemp("hostile")) as running:
-        asyncio.run(warm_up(running))
+        asyncio.run(warm_up(running, big=True))
         yield running
     for name, figure in FIGURES.items():
         print(f"hostile {name}: {figure}")
@@ -86,14 +89,27 @@ async def legit_rest(served: Served) -> None:
     assert data.startswith(b"HTTP/1.1 200 "), data[:100]
 
 
-async def warm_up(served: Served) -> None:
-    """Legitimate calls first, so that api-server-rest's own ttRPC connections are part of the baseline."""
+async def warm_up(served: Served, *, big: bool = False) -> None:
+    """Legitimate calls first, so that api-server-rest's own ttRPC connections are part of the baseline.
+
+    `big`: also one 3 MiB GetResource on each server, read at once, so that GetResource is known to be heavy
+    (see `agent.api.budget.HandlerSlots`) before any attack: the calls of a method that run before its
+    first large reply are bounded by the handler caps only, once in a process's life.
+    """
     for call in LEGIT.values():
         await call(served)
     reader, writer = await asyncio.open_connection("127.0.0.1", served.rest_port)
     writer.write(b"GET /cdh/resource/default/key/1 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
     writer.close()
+    if big:
+        async with TtrpcClient(served.cdh_socket) as client:
+            reply = await client.call(RESOURCE, "GetResource", big_resource_request(), timeout=30)
+        assert len(api_pb2.GetResourceResponse.FromString(reply).Resource) == 3 * MIB
+        async with grpc.aio.insecure_channel(f"unix:{served.grpc_socket}") as channel:
+            stub: Any = channel.unary_unary(f"/{RESOURCE}/GetResource")
+            reply = await stub(big_resource_request(), timeout=30)
+        assert len(api_pb2.GetResourceResponse.FromString(reply).Resource) == 3 * MIB
 
 
 LEGIT: dict[str, Callable[[Served], Awaitable[None]]] = {"ttrpc": legit_ttrpc, "grpc": legit_grpc, "rest": legit_rest}
@@ -235,9 +251,8 @@ async def test_ttrpc_non_reading_clients(served: Served, count: int) -> None:
             send_some(sock, requests)
         return socks
 
-    # whatever the number of connections: the replies within the budget, and the handlers at work
-    ceiling = REPLIES_MIB + TTRPC_HANDLERS * CALL_MIB
-    await attack(served, "ttrpc", f"non-reading x{count}", open_attackers, ceiling_mib=ceiling)
+    # whatever the number of connections: the replies within the budget, and the heavy calls at work
+    await attack(served, "ttrpc", f"non-reading x{count}", open_attackers, ceiling_mib=NON_READING_MIB)
 
 
 async def test_non_readers_are_dropped_on_every_transport(served: Served) -> None:
@@ -336,8 +351,8 @@ async def test_grpc_non_reading_clients(served: Served) -> None:
             send_some(sock, H2_PREFACE + calls)
         return socks
 
-    # the replies within the budget until the peer is dropped (keepalive, ~7 s), and the handlers at work
-    await attack(served, "grpc", "non-reading", open_attackers, ceiling_mib=REPLIES_MIB + GRPC_HANDLERS * CALL_MIB)
+    # the replies within the budget until the peer is dropped (keepalive, ~7 s), and the heavy calls at work
+    await attack(served, "grpc", "non-reading", open_attackers, ceiling_mib=NON_READING_MIB)
 
 
 async def test_grpc_idle_connections(served: Served) -> None:
@@ -387,10 +402,9 @@ async def test_rest_non_reading_clients(served: Served, count: int) -> None:
             send_some(sock, b"GET /cdh/resource/default/big/1 HTTP/1.1\r\nHost: x\r\n\r\n")
         return socks
 
-    # api-server-rest's replies within its budget; the daemon's, taken at once by api-server-rest's one ttRPC
-    # connection (4 calls at work on it)
-    ceiling = REPLIES_MIB + 4 * CALL_MIB
-    await attack(served, "rest", f"non-reading x{count}", open_attackers, ceiling_mib=ceiling, keep_s=4)
+    # api-server-rest's replies within its budget; the daemon's are taken at once by api-server-rest, and its
+    # heavy calls at work
+    await attack(served, "rest", f"non-reading x{count}", open_attackers, ceiling_mib=NON_READING_MIB, keep_s=4)
 
 
 async def test_rest_idle_slowloris_and_half_open(served: Served) -> None:
