@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit gen check-gen bench fuzz soak clean guest-image guest-test
+.PHONY: demo test lint typecheck unit gen check-gen bench fuzz soak hostile clean guest-image guest-test
 
 $(STAMP): pyproject.toml tools/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ fuzz: $(STAMP)
 # 50 concurrent clients x 60 s of mixed calls on both transports against a daemon; prints RSS and fd figures
 soak: $(STAMP)
 	SOAK_SECONDS=60 $(PY) -m pytest -q -s -o timeout=1200 tests/reliability/test_soak.py
+
+# hostile local clients against the daemon and api-server-rest, a legitimate caller served within the strict 2 s
+hostile: $(STAMP)
+	HOSTILE_LEGIT_S=2 $(PY) -m pytest -q -s -o timeout=1200 tests/reliability/test_hostile_clients.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

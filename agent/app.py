@@ -218,18 +218,21 @@ class App:
         for path in (config.ttrpc_aa_socket, config.ttrpc_cdh_socket):
             if path is not None:
                 check_listen(path)
+        from agent.api.budget import ReplyBudget
+
+        budget = ReplyBudget(config.reply_budget_mib * 1024 * 1024)  # one for every transport: replies held for peers
         try:
             if config.socket is not None:
                 from agent.api.grpc_server import GrpcServer
 
                 methods = build_methods(self.aa, self.hub, extensions=True)  # + cvm-agent's own (pull progress)
-                self._grpc = GrpcServer(methods, [config.socket, *config.grpc_listen])
+                self._grpc = GrpcServer(methods, [config.socket, *config.grpc_listen], reply_budget=budget)
                 await self._grpc.start()
             for path, aa, hub in ((config.ttrpc_aa_socket, self.aa, None), (config.ttrpc_cdh_socket, None, self.hub)):
                 if path is not None:
                     from agent.api.ttrpc_service import build_ttrpc_server  # only where ttRPC is served
 
-                    server = build_ttrpc_server(build_methods(aa, hub))
+                    server = build_ttrpc_server(build_methods(aa, hub), reply_budget=budget)
                     await server.start(path)
                     self._ttrpc.append((path, server))
         except BaseException:

@@ -11,6 +11,7 @@ Example (`cvm-agent serve --config agent.toml`):
     # optional: also serve ttRPC on the reference sockets (one daemon for every role; "" or absent = off)
     ttrpc_aa_socket = "/run/confidential-containers/attestation-agent/attestation-agent.sock"
     ttrpc_cdh_socket = "/run/confidential-containers/cdh.sock"
+    reply_budget_mib = 32               # replies (over 64 KiB) held for local peers not reading yet, all transports
 
     [initdata]
     toml = "/run/cvm-agent/initdata.toml"   # check its digest against MRCONFIGID/HOST_DATA at start, send it to the KBS
@@ -278,6 +279,7 @@ class Config:
     # ttRPC on the reference sockets, so one `cvm-agent serve` can stand in for the AA and the data hub too
     ttrpc_aa_socket: str | None = None
     ttrpc_cdh_socket: str | None = None
+    reply_budget_mib: int = 32  # agent.api.budget: replies held for local peers, all transports together
 
     def with_overrides(
         self,
@@ -362,6 +364,7 @@ class Config:
             "tee_paths": self.tee_paths.describe(),
             "ttrpc_aa_socket": self.ttrpc_aa_socket,
             "ttrpc_cdh_socket": self.ttrpc_cdh_socket,
+            "reply_budget_mib": self.reply_budget_mib,
             "image": self.image.describe(),
         }
 
@@ -543,6 +546,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         "ttrpc_cdh_socket",
         "initdata",
         "image",
+        "reply_budget_mib",
     }
     unknown = sorted(set(data) - top)
     if unknown:
@@ -564,6 +568,8 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             raise ConfigError(msg, key="grpc_listen")
         cfg = replace(cfg, grpc_listen=tuple(parse_listen_address(a, key="grpc_listen") for a in listen))
 
+    if "reply_budget_mib" in data:  # one largest reply (4 MiB and its framing) must fit
+        cfg = replace(cfg, reply_budget_mib=_integer(data["reply_budget_mib"], "reply_budget_mib", low=5, high=4096))
     cfg = replace(cfg, kbs=_kbs(data))
 
     cfg = replace(cfg, data_hub=_data_hub(data))

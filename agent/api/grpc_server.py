@@ -14,10 +14,24 @@ Bounds against hostile local clients (all enforced by gRPC core):
     idle connection                    closed (GOAWAY) after 10 s without calls; gRPC clients reconnect
     calls                              `MAX_STREAMS` (32) streams per connection (a lower limit refuses
                                        a client's opening burst: streams sent before our SETTINGS);
-                                       `MAX_HANDLERS` handlers at work, a further call waits up to
-                                       10 s for one, then is answered RESOURCE_EXHAUSTED
+                                       `MAX_HANDLERS` (16) handlers at work, of which at most 4 for
+                                       methods that have made a reply over 64 KiB (`HandlerSlots`);
+                                       a further call waits up to 10 s for one, then is answered
+                                       RESOURCE_EXHAUSTED
     peer that does not read            keepalive pings every 2 s, SETTINGS and pings must be answered
                                        within 5 s: such a peer is dropped with everything it holds
+    replies over 64 KiB                charged by the handler to the process's reply budget (shared
+                                       with ttRPC; `agent.api.budget`) until the call ends, which for
+                                       a peer that does not read is when it is dropped; a reply the
+                                       budget refuses is dropped and answered RESOURCE_EXHAUSTED; a
+                                       call of a method that has made a large reply reserves that size
+                                       before its handler runs (waiting up to 10 s) and is refused so,
+                                       with no work done
+
+What gRPC core still holds outside the budget: request messages (≤ 4 MiB) of up to `MAX_STREAMS` calls per
+connection, waiting for a handler, and its own HTTP/2 buffers. The handlers' working memory is bounded by the
+4 heavy slots once a method is known to be heavy; the first calls of a method, before it has made a large
+reply, run under `MAX_HANDLERS` only.
 """
 
 from __future__ import annotations
@@ -30,7 +44,9 @@ from collections.abc import Iterable
 
 import grpc
 import grpc.aio
+import structlog
 
+from agent.api.budget import Charge, HandlerSlots, ReplyBudget
 from agent.api.methods import Method, ReplyLimit
 from agent.api.sockets import prepare_socket_path, remove_socket, secure_socket
 from agent.api.status import RpcError, StatusCode
@@ -40,7 +56,7 @@ __all__ = ["MAX_CONNECTIONS", "MAX_HANDLERS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_CONNECTIONS = 64
-MAX_HANDLERS = 64
+MAX_HANDLERS = 16
 MAX_STREAMS = 32
 """Calls open at once on one connection: a peer that never reads holds at most this many replies (≤ 4 MiB
 each) until it is dropped. Lower limits refuse a client's opening burst (streams sent before our SETTINGS)."""
@@ -68,6 +84,8 @@ _OPTIONS: list[tuple[str, int]] = [
 ]
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
+log = structlog.get_logger("agent.grpc")
+
 
 class _Handlers:
     """At most `limit` handlers at work; a call waits up to `wait_s` for one, then is RESOURCE_EXHAUSTED.
@@ -79,45 +97,84 @@ class _Handlers:
     def __init__(self, limit: int, wait_s: float = 10.0) -> None:
         self.limit = limit
         self.wait_s = wait_s
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: HandlerSlots | None = None
 
-    def slots(self) -> asyncio.Semaphore:
+    def slots(self) -> HandlerSlots:
         if self._slots is None:  # created on the server's loop
-            self._slots = asyncio.Semaphore(self.limit)
+            self._slots = HandlerSlots(self.limit)
         return self._slots
 
 
-def _handler(method: Method, handlers: _Handlers) -> grpc.RpcMethodHandler[bytes, bytes]:
+def _refused(size: int, budget: ReplyBudget) -> str:
+    return (
+        f"reply is {size} bytes and the {budget.limit_bytes}-byte reply budget is held by replies waiting for"
+        " their readers; try again"
+    )
+
+
+def _handler(method: Method, handlers: _Handlers, budget: ReplyBudget) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def behaviour(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         remaining: float | None = context.time_remaining()  # None without a deadline (typed float)
         deadline = time.monotonic() + remaining if remaining is not None else None
         slots = handlers.slots()
+        # a heavy method's call reserves room for its reply before any work (see agent.api.budget)
         try:
             async with asyncio.timeout(handlers.wait_s):
-                await slots.acquire()
+                started_call = await slots.start(method.path, budget)
         except TimeoutError:
             text = f"more than {handlers.limit} calls in progress for {handlers.wait_s:g} s"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+        if started_call is None:
+            expected = slots.reply_size(method.path)
+            log.warning("grpc.reply.refused", rpc=method.path, code="RESOURCE_EXHAUSTED", length=expected)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refused(expected, budget))
+        slot, reserved = started_call
         try:
-            return await method.invoke(request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
-        except RpcError as exc:
-            await context.abort(_GRPC_CODES[int(exc.code)], exc.message)
-            raise  # pragma: no cover - abort raises
+            try:
+                reply = await method.invoke(request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
+            except RpcError as exc:
+                await context.abort(_GRPC_CODES[int(exc.code)], exc.message)
+                raise  # pragma: no cover - abort raises
+            finally:
+                slot.release()  # what follows waits for the budget and the peer, not for the agent
+            del request
+            slots.made(method.path, len(reply))
+            charge: Charge | None
+            if reserved is not None and len(reply) <= reserved.size:
+                reserved.shrink_to(len(reply))
+                charge, reserved = reserved, None
+            else:
+                charge = await budget.charge(len(reply))
+            if charge is None:
+                size = len(reply)
+                del reply
+                log.warning("grpc.reply.refused", rpc=method.path, code="RESOURCE_EXHAUSTED", length=size)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refused(size, budget))
         finally:
-            slots.release()
+            if reserved is not None:
+                reserved.release()
+        # gRPC core holds the reply until the peer has taken it or the call ends (the peer is gone)
+        context.add_done_callback(lambda _context: charge.release())  # type: ignore[arg-type]  # stub: a class
+        return reply
 
     return grpc.unary_unary_rpc_method_handler(behaviour)
 
 
 class GrpcServer:
-    """Serves the method table on unix sockets and optional loopback TCP addresses."""
+    """Serves the method table on unix sockets and optional loopback TCP addresses.
 
-    def __init__(self, methods: Iterable[Method], addresses: Iterable[ListenAddress]) -> None:
+    `reply_budget` bounds the replies held for peers (shared with the ttRPC servers in the daemon).
+    """
+
+    def __init__(
+        self, methods: Iterable[Method], addresses: Iterable[ListenAddress], *, reply_budget: ReplyBudget | None = None
+    ) -> None:
         self._addresses = list(addresses)
         by_service: dict[str, dict[str, grpc.RpcMethodHandler[bytes, bytes]]] = defaultdict(dict)
         handlers = _Handlers(MAX_HANDLERS)
+        self.reply_budget = reply_budget if reply_budget is not None else ReplyBudget()
         for method in methods:
-            by_service[method.service][method.name] = _handler(method, handlers)
+            by_service[method.service][method.name] = _handler(method, handlers, self.reply_budget)
         self._server = grpc.aio.server(options=_OPTIONS)
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in by_service.items()]

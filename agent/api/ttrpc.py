@@ -36,14 +36,28 @@ Bounds against hostile local clients (the reference has none of these; no well-b
     10 s (`write_timeout_s`)               sends and never reads)
     replies waiting to be written          no further request is read or dispatched until they are
                                            (back-pressure), and at most `max_in_flight` run at once
+    requests at work on all connections    at most `max_handlers` (16), of which at most 4 for methods
+                                           that have made a reply over 64 KiB (heavy, `HandlerSlots`);
+                                           a further request waits in its connection's in-flight slot
+    a reply over 64 KiB                    charged to the process's reply budget (`agent.api.budget`,
+                                           32 MiB by default) until the peer has taken it or is dropped;
+                                           replies are written one at a time per connection; a reply
+                                           the budget refuses (after waiting up to 10 s, if waiting is
+                                           allowed) is answered RESOURCE_EXHAUSTED "reply is N bytes and
+                                           the B-byte reply budget is held by replies waiting for their
+                                           readers; try again"; a call of a method that has made a
+                                           large reply reserves that size before its handler runs
+                                           (waiting up to 10 s) and is refused so, with no work done
     `max_connections` connections open     a new one waits (unread) up to 10 s for a slot; a connection
                                            whose peer has made no progress for `evict_idle_after_s` (0.5 s:
                                            idle, a partial frame that stopped, a reply it does not read;
                                            never one whose handlers are running) is closed to make room;
                                            beyond `max_connections` waiting ones, new connections are closed
 
-So a hostile connection holds at most one partial frame (≤ 4 MiB) plus `max_in_flight` requests and replies,
-for at most 10 s while it is not served, and stalled connections shut nobody out for more than a second.
+So a hostile connection holds at most one partial frame (≤ 4 MiB), `max_in_flight` requests and its
+replies, for at most 10 s while it is not served; the replies of all connections together (over 64 KiB
+each) stay within the reply budget and a quarter more waiting for it, and stalled connections shut nobody
+out for more than a second. Replies up to 64 KiB are not charged, so a full budget never refuses them.
 
 Example:
 
@@ -69,6 +83,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+from agent.api.budget import Charge, HandlerSlots, ReplyBudget
 from agent.api.sockets import prepare_socket_path
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc_frame import (
@@ -118,6 +133,8 @@ _LISTEN_BACKLOG: Final = 64
 _QUOTE_LIMIT: Final = 200
 _WRITE_HIGH_WATER: Final = 64 * 1024
 _SLOT_POLL_S: Final = 0.1
+_FRAMING: Final = 32
+"""More than a `ttrpc.Response`'s bytes around its payload and message (status, tags, lengths)."""
 
 
 def _quoted(name: str) -> str:
@@ -147,6 +164,10 @@ class TtrpcServer:
             docstring), evicting the connection idle longest once it has been idle `evict_idle_after_s`.
         max_in_flight: requests handled at once per connection; past that the server stops reading from
             that connection until one finishes (back-pressure, no error).
+        max_handlers: requests handled at once on all connections; a connection's next request waits
+            (unread) for one to finish.
+        reply_budget: the byte budget replies are charged to until the peer has taken them (shared with
+            other servers if given; a `ReplyBudget()` of this server's own otherwise).
         write_timeout_s: how long a reply may wait for the peer to read it before the connection is closed;
             also the time a frame may take to arrive once its first byte has.
         evict_idle_after_s: how long a connection must have been idle before it may be closed for a new one.
@@ -165,6 +186,8 @@ class TtrpcServer:
         declared_but_unimplemented: Mapping[str, Iterable[str]] | None = None,
         max_connections: int = 64,
         max_in_flight: int = 4,
+        max_handlers: int = 16,
+        reply_budget: ReplyBudget | None = None,
         write_timeout_s: float = 10.0,
         evict_idle_after_s: float = 0.5,
         accept_wait_s: float = 10.0,
@@ -175,9 +198,10 @@ class TtrpcServer:
         if max_connections < 1:
             msg = f"`max_connections` is {max_connections}, expected at least 1"
             raise ValueError(msg)
-        if max_in_flight < 1:
-            msg = f"`max_in_flight` is {max_in_flight}, expected at least 1"
-            raise ValueError(msg)
+        for name, limit in (("max_in_flight", max_in_flight), ("max_handlers", max_handlers)):
+            if limit < 1:
+                msg = f"`{name}` is {limit}, expected at least 1"
+                raise ValueError(msg)
         self._handlers = {service: dict(methods) for service, methods in handlers.items()}
         self._declared = {
             service: frozenset(methods) for service, methods in (declared_but_unimplemented or {}).items()
@@ -189,6 +213,9 @@ class TtrpcServer:
                 raise ValueError(msg)
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
+        self.max_handlers = max_handlers
+        self.reply_budget = reply_budget if reply_budget is not None else ReplyBudget()
+        self._handler_slots = HandlerSlots(max_handlers)
         self.write_timeout_s = write_timeout_s
         self.evict_idle_after_s = evict_idle_after_s
         self.accept_wait_s = accept_wait_s
@@ -380,6 +407,13 @@ def _status(code: StatusCode, message: str) -> RpcResponse:
     return RpcResponse(code=code, message=message)
 
 
+def _refused_message(size: int, budget: ReplyBudget) -> str:
+    return (
+        f"reply is {size} bytes and the {budget.limit_bytes}-byte reply budget is held by replies waiting for"
+        " their readers; try again"
+    )
+
+
 def _code_of(raw: int) -> StatusCode:
     try:
         return StatusCode(raw)
@@ -415,6 +449,7 @@ class _ServerConnection:
         self._writer = writer
         self._slots = asyncio.Semaphore(server.max_in_flight)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._write_lock = asyncio.Lock()  # one reply written (and waited for) at a time
         self._last_stream_id = 0
         self._reader_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -539,6 +574,11 @@ class _ServerConnection:
                 frame_started = time.monotonic()
 
     async def _writable(self) -> None:
+        """Before reading or dispatching: return once the replies not yet taken by the peer are below the
+        high-water mark."""
+        await self._taken()
+
+    async def _taken(self) -> None:
         """Return once the replies not yet taken by the peer are below the high-water mark."""
         if self._writer.transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
             await self._drain()
@@ -571,9 +611,14 @@ class _ServerConnection:
             await self._reject(stream_id, "StreamID cannot be re-used and must increment")
             return
         self._last_stream_id = stream_id
+        request: RpcRequest | MalformedMessageError
+        try:
+            request = RpcRequest.from_bytes(frame.data)
+        except MalformedMessageError as exc:
+            request = exc
         await self._writable()
         await self._slots.acquire()
-        task = asyncio.create_task(self._serve(stream_id, frame.data))
+        task = asyncio.create_task(self._serve(stream_id, request))
         self._tasks[stream_id] = task
         task.add_done_callback(lambda _: self._finished(stream_id))
 
@@ -585,37 +630,85 @@ class _ServerConnection:
         self._server._event("ttrpc.frame.rejected", stream_id=stream_id, reason=message)
         await self._send_response(stream_id, _status(StatusCode.INVALID_ARGUMENT, message))
 
-    async def _serve(self, stream_id: int, data: bytes) -> None:
+    async def _serve(self, stream_id: int, request: RpcRequest | MalformedMessageError) -> None:
         started = time.monotonic()
         service = method = ""
         code = StatusCode.CANCELLED
+        reserved: Charge | None = None
         try:
-            try:
-                request = RpcRequest.from_bytes(data)
-            except MalformedMessageError as exc:
-                response = _status(StatusCode.INVALID_ARGUMENT, str(exc))
+            if isinstance(request, MalformedMessageError):
+                response = _status(StatusCode.INVALID_ARGUMENT, str(request))
             else:
                 service, method = request.service, request.method
-                del data  # the request holds the payload; the frame's bytes can go
-                response = await self._server.invoke(request)
+                path = f"/{service}/{method}"
+                slots, budget = self._server._handler_slots, self._server.reply_budget
+                served = method in self._server._handlers.get(service, {})
+                # a heavy method's call reserves room for its reply before any work (see agent.api.budget)
+                started_call = await slots.start(path if served else "", budget, framing=_FRAMING)
+                if started_call is None:
+                    expected = slots.reply_size(path)
+                    self._server._event("ttrpc.reply.refused", stream_id=stream_id, length=expected, held=budget.held)
+                    response = _status(StatusCode.RESOURCE_EXHAUSTED, _refused_message(expected, budget))
+                else:
+                    slot, reserved = started_call
+                    try:
+                        if self._writer.is_closing():
+                            return  # the peer left while this call waited: no work for nobody
+                        response = await self._server.invoke(request)
+                    finally:
+                        slot.release()  # what follows waits for the budget and the peer
+                    if served:
+                        slots.made(path, len(response.payload))
                 del request
             held = [response]
             del response  # `_send_response` drops it once encoded: nothing else may keep the payload alive
-            code = await self._send_response(stream_id, held)
+            code = await self._send_response(stream_id, held, reserved)
+            reserved = None
         finally:
+            if reserved is not None:
+                reserved.release()
             self._server._report_call(service, method, code, time.monotonic() - started)
 
-    async def _send_response(self, stream_id: int, response: RpcResponse | list[RpcResponse]) -> StatusCode:
-        """Frame and write `response`; returns the status code actually sent.
+    async def _send_response(
+        self, stream_id: int, response: RpcResponse | list[RpcResponse], reserved: Charge | None = None
+    ) -> StatusCode:
+        """Charge `response` to the reply budget, then frame and write it; returns the status code sent.
 
-        Given in a one-element list, the response is taken out of it, so that once encoded the payload is
-        held only by the bytes being written.
+        A reply the budget refuses is replaced by RESOURCE_EXHAUSTED. `reserved` (taken over) is what was
+        reserved for it before its handler ran; it is shrunk to the reply, or replaced if too small. Replies
+        are written one at a time, each once the peer has taken the previous one; the charge is given back
+        when the peer has taken it too, or the connection is gone. Given in a one-element list, the response
+        is taken out of it, so that once encoded the payload is held only by the bytes being written.
         """
-        with contextlib.suppress(ConnectionError):
-            # Wait for the peer before encoding: a reply waiting here holds its payload, not a second copy.
-            await self._writable()
         if isinstance(response, list):
             response = response.pop()
+        size = len(response.payload) + len(response.message) * 4 + _FRAMING  # ≥ the encoded size
+        budget = self._server.reply_budget
+        charge: Charge | None
+        if reserved is not None and size <= reserved.size:
+            reserved.shrink_to(size)
+            charge = reserved
+        else:
+            if reserved is not None:
+                reserved.release()
+            charge = await budget.charge(size)
+        if charge is None:
+            self._server._event("ttrpc.reply.refused", stream_id=stream_id, length=size, held=budget.held)
+            response = _status(StatusCode.RESOURCE_EXHAUSTED, _refused_message(size, budget))
+            charge = Charge(None, 0)
+        held = [response]
+        del response  # `_write_response` drops it once encoded
+        try:
+            async with self._write_lock:
+                return await self._write_response(stream_id, held)
+        finally:
+            charge.release()
+
+    async def _write_response(self, stream_id: int, held: list[RpcResponse]) -> StatusCode:
+        with contextlib.suppress(ConnectionError):
+            # Wait for the peer before encoding: a reply waiting here holds its payload, not a second copy.
+            await self._taken()
+        response = held.pop()
         data = response.to_bytes()
         if len(data) > MAX_DATA:
             self._server._event("ttrpc.response.oversized", stream_id=stream_id, length=len(data))

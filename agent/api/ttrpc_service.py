@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import structlog
 
+from agent.api.budget import ReplyBudget
 from agent.api.methods import Method, ReplyLimit
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc import REQUEST_DEADLINE, TtrpcServer, UnaryHandler
@@ -57,8 +58,13 @@ def _handler(method: Method) -> UnaryHandler:
 
 
 def build_ttrpc_server(
-    methods: Iterable[Method], *, declared_but_unimplemented: Mapping[str, Iterable[str]] | None = None
+    methods: Iterable[Method],
+    *,
+    declared_but_unimplemented: Mapping[str, Iterable[str]] | None = None,
+    reply_budget: ReplyBudget | None = None,
 ) -> TtrpcServer:
+    """A `TtrpcServer` for `methods`, logging as the gRPC server does; `reply_budget` may be shared with other
+    servers (see `agent.api.budget`)."""
     handlers: dict[str, dict[str, UnaryHandler]] = defaultdict(dict)
     for method in methods:
         handlers[method.service][method.name] = _handler(method)
@@ -77,7 +83,11 @@ def build_ttrpc_server(
         )
 
     def on_event(event: str, fields: Mapping[str, object]) -> None:
-        log.info(event, **{k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)})
+        values = {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)}
+        if event == "ttrpc.reply.refused":  # the call was logged OK by its Method; this is what the caller got
+            log.warning(event, code="RESOURCE_EXHAUSTED", **values)
+        else:
+            log.info(event, **values)
 
     def on_error(service: str, method: str, exc: BaseException) -> None:
         log.error("ttrpc.handler_crash", rpc=f"/{service}/{method}", error=type(exc).__name__)
@@ -85,6 +95,7 @@ def build_ttrpc_server(
     return TtrpcServer(
         handlers,
         declared_but_unimplemented=declared_but_unimplemented,
+        reply_budget=reply_budget,
         on_call=on_call,
         on_event=on_event,
         on_error=on_error,

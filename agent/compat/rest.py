@@ -6,12 +6,25 @@ Endpoints, status codes and bodies follow guest-api.md §10. Requests from peers
 A call the agent answers INVALID_ARGUMENT is a 400 with the agent's message (the reference answers every failed
 call 500; the text is the same). One request per connection (`Connection: close`).
 
-Bounds against hostile local clients: the request head is at most 16 KiB and must arrive within 10 s, a body
-at most 64 KiB; a reply the peer does not take within 10 s is dropped with its connection; at most
-`MAX_CONNECTIONS` connections are served, a further one waits (unread) up to 10 s for a slot and evicts the
-connection that has waited longest (at least 0.5 s) for its peer: to send its request head, or to take its
-reply. So one hostile connection holds at most one reply (the 4 MiB ttRPC limit) for 10 s, and hostile
-connections shut callers out for about a second.
+Bounds against hostile local clients:
+
+    what                                   bound
+    -------------------------------------  --------------------------------------------------------------
+    request head                           16 KiB, complete within 10 s, else 400
+    request body                           64 KiB, else 400
+    connections                            `MAX_CONNECTIONS` served; a further one waits (unread) up to
+                                           10 s for a slot and evicts the connection that has waited
+                                           longest (at least 0.5 s) for its peer: to send its request
+                                           head, or to take its reply
+    a reply the peer does not take         dropped with its connection after 10 s
+    replies over 64 KiB                    charged to the process's reply budget (`REPLY_BUDGET`, 32 MiB;
+                                           `agent.api.budget`) until the peer has taken them; one the
+                                           budget refuses (after waiting up to 10 s while waiting is
+                                           allowed) is answered 503 with the reason
+
+So the replies held for peers (one per connection, at most the 4 MiB ttRPC limit) stay within the budget
+and a quarter more waiting for it, whatever the number of connections; and hostile connections shut callers
+out for about a second. Replies up to 64 KiB (`/info`, tokens, errors) are never refused for the budget.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import structlog
 
 from agent import __version__
+from agent.api.budget import DEFAULT_REPLY_BUDGET, Charge, ReplyBudget
 from agent.api.names import AA_SERVICE, RESOURCE_SERVICE
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc import TtrpcClient
@@ -51,6 +65,7 @@ MAX_BODY = 64 * 1024
 MAX_CONNECTIONS = 64
 IO_TIMEOUT_S = 10.0
 EVICT_AFTER_S = 0.5
+REPLY_BUDGET = DEFAULT_REPLY_BUDGET
 FEATURES = ("resource", "attestation", "all")
 _REASONS = {
     200: "OK",
@@ -59,6 +74,7 @@ _REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -216,14 +232,23 @@ class _Connection:
 
 
 class ConnectionLimiter:
-    """At most `limit` connections served; room is made by evicting one that has waited `evict_after_s` for its peer."""
+    """At most `limit` connections served; room is made by evicting one that has waited `evict_after_s` for its peer.
+
+    It also holds the `reply_budget` the connections' replies are charged to.
+    """
 
     def __init__(
-        self, limit: int = MAX_CONNECTIONS, *, evict_after_s: float = EVICT_AFTER_S, wait_s: float = IO_TIMEOUT_S
+        self,
+        limit: int = MAX_CONNECTIONS,
+        *,
+        evict_after_s: float = EVICT_AFTER_S,
+        wait_s: float = IO_TIMEOUT_S,
+        reply_budget: ReplyBudget | None = None,
     ) -> None:
         self.limit = limit
         self.evict_after_s = evict_after_s
         self.wait_s = wait_s
+        self.reply_budget = reply_budget if reply_budget is not None else ReplyBudget(REPLY_BUDGET)
         self.active: set[_Connection] = set()
         self.waiting = 0
 
@@ -268,7 +293,7 @@ async def _serve_connection(
         writer.transport.abort()
         return
     try:
-        await _serve_admitted(api, reader, writer, conn)
+        await _serve_admitted(api, reader, writer, conn, limiter.reply_budget if limiter is not None else None)
     finally:
         if limiter is not None:
             limiter.release(conn)
@@ -276,7 +301,11 @@ async def _serve_connection(
 
 
 async def _serve_admitted(
-    api: RestApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Connection
+    api: RestApi,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: _Connection,
+    budget: ReplyBudget | None = None,
 ) -> None:
     reply: Reply
     method = target = "-"
@@ -302,7 +331,31 @@ async def _serve_admitted(
     except Exception as exc:  # an agent bug: one safe line, a generic answer
         log_crash("rest.crash", exc, method=method, path=_path_of(target))
         reply = _text(500, "internal error")
-    status_line = f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Error')}\r\n"
+    conn.waiting_since = time.monotonic()  # a reply waiting for budget may make room for a new connection
+    charge = await budget.charge(len(reply.body)) if budget is not None else Charge(None, 0)
+    if charge is None:
+        log.warning("rest.reply.refused", method=method, path=_path_of(target), length=len(reply.body))
+        reply = _text(503, _refused(len(reply.body), budget))
+        charge = Charge(None, 0)
+    held = [reply]
+    del reply  # `_write_reply` drops it once written: the transport's buffer is then the only copy
+    try:
+        await _write_reply(writer, conn, held, method, target)
+    finally:
+        charge.release()
+
+
+def _refused(size: int, budget: ReplyBudget | None) -> str:
+    limit = budget.limit_bytes if budget is not None else 0
+    return f"reply is {size} bytes and the {limit}-byte reply budget is held by replies waiting for their readers"
+
+
+async def _write_reply(
+    writer: asyncio.StreamWriter, conn: _Connection, held: list[Reply], method: str, target: str
+) -> None:
+    reply = held.pop()
+    status = reply.status
+    status_line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
     head_out = (
         f"{status_line}Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.body)}\r\n"
         "Connection: close\r\n\r\n"
@@ -311,15 +364,16 @@ async def _serve_admitted(
     try:
         writer.write(head_out.encode())
         writer.write(reply.body)  # not concatenated: no second copy of a resource
+        del reply  # what the peer has not taken is in the transport's buffer
         async with asyncio.timeout(IO_TIMEOUT_S):
             await writer.drain()
     except TimeoutError:
         writer.transport.abort()  # a peer that does not read its reply
-        log.warning("rest.write_timeout", method=method, path=_path_of(target), status=reply.status)
+        log.warning("rest.write_timeout", method=method, path=_path_of(target), status=status)
         return
     except OSError:
         pass
-    log.info("rest.request", method=method, path=_path_of(target), status=reply.status)
+    log.info("rest.request", method=method, path=_path_of(target), status=status)
 
 
 def _path_of(target: str) -> str:

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -102,7 +103,7 @@ class Recorder:
             AA: {"GetTeeType": self.get_tee_type},
         }
 
-    def server(self, *, max_connections: int = 32, max_in_flight: int = 16, **limits: float) -> TtrpcServer:
+    def server(self, *, max_connections: int = 32, max_in_flight: int = 16, **limits: Any) -> TtrpcServer:
         return TtrpcServer(
             self.handlers(),
             declared_but_unimplemented={AA: ["BindInitData"]},

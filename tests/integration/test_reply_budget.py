@@ -1,0 +1,99 @@
+"""The reply budget through the ttRPC server: a peer that never reads holds budget, not the process's memory."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from agent.api.budget import ReplyBudget
+from agent.api.status import RpcError, StatusCode
+from agent.api.ttrpc import TtrpcClient, TtrpcServer
+from agent.api.ttrpc_frame import MessageType, RpcRequest, encode_frame
+
+pytestmark = pytest.mark.integration
+
+SVC = "test.Budget"
+MIB = 1024 * 1024
+REPLY = 3 * MIB
+
+
+class Served:
+    def __init__(self, server: TtrpcServer, path: str, budget: ReplyBudget) -> None:
+        self.server = server
+        self.path = path
+        self.budget = budget
+        self.handled: list[str] = []
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    # room for one 3 MiB reply and no waiting; a peer that does not read is dropped after 2 s
+    budget = ReplyBudget(REPLY + 2 * MIB, wait_s=1.0, max_waiting_bytes=0)
+    holder: list[Served] = []
+
+    async def big(payload: bytes) -> bytes:
+        holder[0].handled.append("Big")
+        return bytes(REPLY)
+
+    async def small(payload: bytes) -> bytes:
+        holder[0].handled.append("Small")
+        return b"ok"
+
+    server = TtrpcServer({SVC: {"Big": big, "Small": small}}, reply_budget=budget, write_timeout_s=2.0)
+    path = str(tmp_path / "s" / "budget.sock")
+    await server.start(path)
+    holder.append(Served(server, path, budget))
+    try:
+        yield holder[0]
+    finally:
+        await server.close(grace_s=1)
+
+
+def non_reader(path: str, calls: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(path)
+    frames = b"".join(
+        encode_frame(2 * i + 1, MessageType.REQUEST, RpcRequest(service=SVC, method="Big").to_bytes())
+        for i in range(calls)
+    )
+    sock.sendall(frames)
+    return sock
+
+
+async def wait_until(condition: Callable[[], bool], within_s: float = 3.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not condition():  # noqa: ASYNC110 - the server's state has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+async def test_a_non_reader_holds_budget_and_others_are_refused_or_served(served: Served) -> None:
+    attacker = non_reader(served.path, 8)
+    try:
+        await wait_until(lambda: served.budget.held >= REPLY)
+        async with TtrpcClient(served.path) as client:
+            assert await client.call(SVC, "Small", b"", timeout=5) == b"ok"  # small replies are never charged
+            with pytest.raises(RpcError) as info:
+                await client.call(SVC, "Big", b"", timeout=5)
+        assert info.value.code is StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.message == (
+            f"reply is {REPLY} bytes and the {REPLY + 2 * MIB}-byte reply budget is held by replies waiting for"
+            " their readers; try again"
+        )
+        # Big is heavy now: the attacker's other requests wait for room before any work, then are refused
+        # (the budget's 1 s wait), so it cannot make the server work in a loop
+        handled = served.handled.count("Big")
+        assert handled <= 4  # the calls in flight before Big had made its first reply (max_in_flight)
+        await asyncio.sleep(1.5)
+        assert served.handled.count("Big") == handled
+        # dropped at the write timeout, which gives the budget back
+        await wait_until(lambda: served.budget.held == 0, within_s=5)
+        async with TtrpcClient(served.path) as client:
+            assert len(await client.call(SVC, "Big", b"", timeout=5)) == REPLY
+        assert served.budget.held == 0
+    finally:
+        attacker.close()
