@@ -125,8 +125,9 @@ class KbsHttp:
                 follow_redirects=False,
                 timeout=httpx.Timeout(config.timeout_s),
                 headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-                # keep pooled connections shorter-lived than the KBS's ~5 s keep-alive (kbs-protocol.md §9)
-                limits=httpx.Limits(keepalive_expiry=4.0),
+                # keep pooled connections shorter-lived than the KBS's ~5 s keep-alive (kbs-protocol.md §9), and few:
+                # a burst of callers queues for a connection instead of opening up to httpx's default of 100
+                limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=4.0),
             )
         return self._client
 
