@@ -424,6 +424,13 @@ def _abs_path(value: object, key: str) -> str:
     return value
 
 
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        msg = f"`{key}` is {value!r}, expected true or false"
+        raise ConfigError(msg, key=key)
+    return value
+
+
 def _number(value: object, key: str, *, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
         msg = f"`{key}` is {value!r}, expected a number from {low:g} to {high:g}"
@@ -482,11 +489,7 @@ def _kbs(data: Mapping[str, Any]) -> KbsConfig:
         value_f = _number(kbs["token_refresh_margin_s"], "kbs.token_refresh_margin_s", low=0, high=3600)
         k = replace(k, token_refresh_margin_s=value_f)
     if "preload" in kbs:
-        preload = kbs["preload"]
-        if not isinstance(preload, bool):
-            msg = f"`kbs.preload` is {preload!r}, expected true or false"
-            raise ConfigError(msg, key="kbs.preload")
-        k = replace(k, preload=preload)
+        k = replace(k, preload=_bool(kbs["preload"], "kbs.preload"))
     return k
 
 
@@ -497,10 +500,7 @@ def _data_hub(data: Mapping[str, Any]) -> DataHubConfig:
     if "kek_cache_s" in hub:
         h = replace(h, kek_cache_s=_number(hub["kek_cache_s"], "data_hub.kek_cache_s", low=0, high=86400))
     if "skip_sealed_secret_verification" in hub:
-        skip = hub["skip_sealed_secret_verification"]
-        if not isinstance(skip, bool):
-            msg = f"`data_hub.skip_sealed_secret_verification` is {skip!r}, expected true or false"
-            raise ConfigError(msg, key="data_hub.skip_sealed_secret_verification")
+        skip = _bool(hub["skip_sealed_secret_verification"], "data_hub.skip_sealed_secret_verification")
         h = replace(h, skip_sealed_secret_verification=skip)
     if "sealed_secret_key_dir" in hub:
         key_dir = hub["sealed_secret_key_dir"]
@@ -518,11 +518,7 @@ def _eventlog(data: Mapping[str, Any]) -> EventlogConfig:
     table = _table(data, "eventlog", {"enabled", "path", "init_pcr"})
     e = EventlogConfig()
     if "enabled" in table:
-        enabled = table["enabled"]
-        if not isinstance(enabled, bool):
-            msg = f"`eventlog.enabled` is {enabled!r}, expected true or false"
-            raise ConfigError(msg, key="eventlog.enabled")
-        e = replace(e, enabled=enabled)
+        e = replace(e, enabled=_bool(table["enabled"], "eventlog.enabled"))
     if "path" in table:
         e = replace(e, path=_abs_path(table["path"], "eventlog.path"))
     if "init_pcr" in table:
