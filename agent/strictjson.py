@@ -39,8 +39,19 @@ _B64_STD = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-def load_json(data: bytes | str, what: str, *, error: ErrorType = InvalidRequest, max_depth: int = MAX_DEPTH) -> object:
-    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, no lone surrogates, at most `max_depth` levels."""
+def load_json(
+    data: bytes | str,
+    what: str,
+    *,
+    error: ErrorType = InvalidRequest,
+    max_depth: int = MAX_DEPTH,
+    max_bytes: int | None = None,
+) -> object:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN/Infinity, no lone surrogates, at most `max_depth` levels and
+    (when given) `max_bytes` bytes."""
+    if max_bytes is not None and len(data) > max_bytes:
+        msg = f"{what} is {len(data)} bytes, expected at most {max_bytes}"
+        raise error(msg)
     if isinstance(data, bytes | bytearray):
         try:
             data = bytes(data).decode("utf-8")
@@ -64,10 +75,15 @@ def load_json(data: bytes | str, what: str, *, error: ErrorType = InvalidRequest
 
 
 def load_json_object(
-    data: bytes | str, what: str, *, error: ErrorType = InvalidRequest, max_depth: int = MAX_DEPTH
+    data: bytes | str,
+    what: str,
+    *,
+    error: ErrorType = InvalidRequest,
+    max_depth: int = MAX_DEPTH,
+    max_bytes: int | None = None,
 ) -> dict[str, object]:
     """`load_json` that also requires an object at the top."""
-    value = load_json(data, what, error=error, max_depth=max_depth)
+    value = load_json(data, what, error=error, max_depth=max_depth, max_bytes=max_bytes)
     if not isinstance(value, dict):
         msg = f"{what} is {json_type(value)}, expected a JSON object."
         raise error(msg)

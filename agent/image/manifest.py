@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import ImageFormatError, InvalidImageReference, InvalidRequest
+from agent.errors import ImageFormatError, InvalidImageReference
 from agent.image.reference import parse_digest
 from agent.strictjson import dump_json, json_type, load_json_object
 
@@ -119,13 +119,7 @@ def verify_digest(data: bytes, expected: str, *, what: str) -> None:
 
 
 def _load(data: bytes, what: str, limit: int) -> dict[str, object]:
-    if len(data) > limit:
-        msg = f"{what} is {len(data)} bytes, expected at most {limit}"
-        raise ImageFormatError(msg)
-    try:
-        return load_json_object(data, what)
-    except InvalidRequest as exc:
-        raise ImageFormatError(str(exc)) from None
+    return load_json_object(data, what, error=ImageFormatError, max_bytes=limit)
 
 
 def _str(obj: Mapping[str, object], key: str, what: str, *, required: bool = True) -> str | None:

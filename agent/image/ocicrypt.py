@@ -151,13 +151,7 @@ def parse_private_options(data: bytes) -> PrivateOptions:
 
 
 def _options_object(data: bytes, what: str) -> dict[str, object]:
-    if len(data) > MAX_OPTIONS_SIZE:
-        msg = f"{what} is {len(data):#x} bytes, expected at most {MAX_OPTIONS_SIZE:#x}"
-        raise LayerError(msg)
-    try:
-        return load_json_object(data, what)
-    except InvalidRequest as exc:
-        raise LayerError(str(exc)) from None
+    return load_json_object(data, what, error=LayerError, max_bytes=MAX_OPTIONS_SIZE)
 
 
 def _bytes_member(obj: Mapping[str, object], key: str, what: str) -> bytes:

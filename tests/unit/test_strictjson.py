@@ -139,3 +139,11 @@ class TestBase64Url:
     def test_not_a_string(self) -> None:
         with pytest.raises(KbsProtocolError, match=r"^v is a number, expected a base64url string\.$"):
             b64url_decode(7, "v", error=KbsProtocolError)
+
+
+def test_max_bytes_is_checked_before_parsing_with_the_callers_error() -> None:
+    from agent.strictjson import load_json_object
+
+    assert load_json_object(b'{"a":1}', "doc", max_bytes=7) == {"a": 1}
+    with pytest.raises(ValueError, match=r"^doc is 8 bytes, expected at most 7$"):
+        load_json_object(b'{"a":12}', "doc", error=ValueError, max_bytes=7)
