@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,11 +35,10 @@ from agent.kbs.keyalg import KeyAlgorithm
 from agent.kbs.resource import ResourceUri
 from agent.shared import SharedValue
 
-if TYPE_CHECKING:  # httpx, ssl and cryptography (agent.kbs.jwe) load at the first KBS exchange, not at start-up
+if TYPE_CHECKING:  # h11 (agent.kbs.http) and cryptography (agent.kbs.jwe) load at the first KBS exchange
     import ssl
 
-    import httpx
-
+    from agent.kbs.http import HttpResponse, Transport
     from agent.kbs.jwe import TeeKeyPair
     from agent.tee.base import Attester
 
@@ -81,15 +80,16 @@ def build_ssl_context(cert_path: str | None, cert_pem: str | None = None) -> ssl
 class KbsHttp:
     """HTTP to one KBS: one deadline per exchange, raw bounded bodies, bounded retries of transient failures.
 
-    Shared by the background-check client (`KbsClient`) and the passport-mode client. The HTTP client (and
-    httpx with it) is built at the first exchange, so a process that never reaches its KBS never loads it.
+    Shared by the background-check client (`KbsClient`) and the passport-mode client. The connection pool
+    (`agent.kbs.http`, h11 with it) is built at the first exchange, so a process that never reaches its KBS never
+    loads it. `transport` replaces the pool (tests).
     """
 
     def __init__(
         self,
         config: KbsConfig,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         attempts: int = 3,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -103,40 +103,40 @@ class KbsHttp:
         self._sleep = sleep
         self._config = config
         self._transport = transport
-        self._client: httpx.AsyncClient | None = None
         self._closed = False
 
-    @property
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def _pool(self) -> Transport:
+        if self._transport is None:
             if self._closed:
                 msg = f"the client of the KBS at {self.url} is closed"
                 raise KbsTransportError(msg)
-            import httpx
+            from agent.kbs.http import Origin, Pool
 
-            _no_sniffio()
+            try:
+                origin = Origin.parse(self.url)
+            except ValueError as exc:
+                msg = f"kbs.url {exc}"
+                raise ConfigError(msg, key="kbs.url") from None
             config = self._config
-            https = self.url.startswith("https://")
-            verify: ssl.SSLContext | bool = build_ssl_context(config.cert_path, config.cert_pem) if https else False
-            self._client = httpx.AsyncClient(
-                transport=self._transport,
-                verify=verify,
-                trust_env=False,
-                follow_redirects=False,
-                timeout=httpx.Timeout(config.timeout_s),
+            context = build_ssl_context(config.cert_path, config.cert_pem) if origin.tls else None
+            # pooled connections live shorter than the KBS's ~5 s keep-alive (kbs-protocol.md §9), and few: a burst
+            # of callers queues for a connection instead of opening one each
+            self._transport = Pool(
+                origin,
+                ssl_context=context,
                 headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-                # keep pooled connections shorter-lived than the KBS's ~5 s keep-alive (kbs-protocol.md §9), and few:
-                # a burst of callers queues for a connection instead of opening up to httpx's default of 100
-                limits=httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=4.0),
+                max_connections=16,
+                max_idle=8,
+                keepalive_s=4.0,
             )
-        return self._client
+        return self._transport
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._client is not None:
-            await self._client.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
 
-    async def exchange(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
+    async def exchange(self, request: protocol.HttpRequest) -> HttpResponse:
         """Send one request and read the whole answer, all within `kbs.timeout_s`."""
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -148,95 +148,58 @@ class KbsHttp:
             )
             raise KbsTransportError(msg) from None
 
-    async def _exchange(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
-        import httpx
+    async def _exchange(self, request: protocol.HttpRequest) -> HttpResponse:
+        from agent.kbs.http import HttpError, ResponseTooLarge
 
-        retryable = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
         method, path = request.method, request.path
+        pool = self._pool()
         for attempt in range(1, self._attempts + 1):
             started = time.monotonic()
             try:
-                status, body, headers = await self._once(request)
-            except retryable as exc:
+                response = await pool.send(method, path, request.headers or {}, request.body, max_bytes=self._max_bytes)
+            except ResponseTooLarge:
+                msg = f"KBS at {self.url}: the response to {method} {path} exceeds {self._max_bytes} bytes"
+                raise KbsTransportError(msg) from None
+            except HttpError as exc:
                 log.warning("kbs.exchange.failed", method=method, path=path, attempt=attempt, error=type(exc).__name__)
-                if attempt == self._attempts:
+                if not exc.retryable or attempt == self._attempts:
                     msg = f"KBS at {self.url} is unreachable: {type(exc).__name__}: {exc}"
                     raise KbsTransportError(msg) from None
-            except httpx.TimeoutException as exc:
-                msg = f"KBS at {self.url}: {method} {path} timed out ({type(exc).__name__})"
-                raise KbsTransportError(msg) from None
-            except httpx.HTTPError as exc:
-                msg = f"KBS at {self.url}: {method} {path} failed: {type(exc).__name__}: {exc}"
-                raise KbsTransportError(msg) from None
             else:
                 log.info(
                     "kbs.exchange",
                     method=method,
                     path=path,
-                    status=status,
-                    bytes=len(body),
+                    status=response.status,
+                    bytes=len(response.body),
                     attempt=attempt,
                     duration_ms=round((time.monotonic() - started) * 1000, 1),
                 )
-                if not protocol.retryable_status(status) or attempt == self._attempts:
-                    return status, body, headers
+                _check_encoding(self.url, method, path, response)
+                if not protocol.retryable_status(response.status) or attempt == self._attempts:
+                    return response
             await self._sleep(min(0.2 * 2 ** (attempt - 1), 2.0))
         msg = "unreachable"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
 
-    async def _once(self, request: protocol.HttpRequest) -> tuple[int, bytes, httpx.Headers]:
-        method, path = request.method, request.path
-        async with self._http.stream(
-            method, self.url + path, content=request.body, headers=dict(request.headers or {})
-        ) as response:
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):
-                msg = (
-                    f"KBS at {self.url} answered {method} {path} with Content-Encoding {encoding[:40]!r}, "
-                    "expected identity"
-                )
-                raise KbsProtocolError(msg)
-            chunks: list[bytes] = []
-            size = 0
-            # raw: nothing is ever decompressed. A response built in memory (httpx.MockTransport) is already read.
-            stream = _in_memory(response.content) if response.is_stream_consumed else response.aiter_raw()
-            async for chunk in stream:
-                size += len(chunk)
-                if size > self._max_bytes:
-                    msg = f"KBS at {self.url}: the response to {method} {path} exceeds {self._max_bytes} bytes"
-                    raise KbsTransportError(msg)
-                chunks.append(chunk)
-            self._http.cookies.clear()  # cookies are handled explicitly, never by the jar
-            return response.status_code, b"".join(chunks), response.headers
+
+def _check_encoding(url: str, method: str, path: str, response: HttpResponse) -> None:
+    """Bodies are raw: `Accept-Encoding: identity` is asked for and anything else refused, never decompressed."""
+    encoding = (response.header("content-encoding") or "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        msg = f"KBS at {url} answered {method} {path} with Content-Encoding {encoding[:40]!r}, expected identity"
+        raise KbsProtocolError(msg)
 
 
 def preload() -> None:
-    """Import what the first handshake and fetch need (httpx and its async backend, the TEE key and JWE
-    cryptography). Blocking: `App` runs it in a thread once the process serves, so the first GetResource does not
-    pay for it; without it the same imports happen on that call."""
-    import anyio._backends._asyncio  # noqa: F401 - httpcore loads it at the first request
-    import httpcore  # noqa: F401 - httpx loads it when its first client is built
-    import httpx  # noqa: F401
+    """Import what the first handshake and fetch need (the HTTP client, the TEE key and JWE cryptography) and run
+    their first use once. Blocking: `App` runs it in a thread once the process serves, so the first GetResource does
+    not pay for it; without it the same work happens on that call."""
+    import agent.jws
+    import agent.kbs.http  # noqa: F401
+    from agent.kbs import jwe
 
-    import agent.jws  # token parsing
-    import agent.kbs.jwe  # noqa: F401
-
-    _no_sniffio()
-
-
-def _no_sniffio() -> None:
-    """httpcore tries `import sniffio` on every lock it takes (about four per request) and newer anyio no longer
-    installs it; a failed import searches all of sys.path each time (~75 us). Recording it as absent, as the import
-    system does for `None` entries, makes each attempt a dictionary look-up. Nothing changes if it is installed."""
-    import importlib.util
-    import sys
-
-    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
-
-
-async def _in_memory(content: bytes) -> AsyncIterator[bytes]:
-    yield content
+    jwe.self_test()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -377,8 +340,8 @@ async def fetch_resource(http: KbsHttp, credentials: CredentialCache, uri: Resou
     attested = await credentials.get()
     for may_renew in (True, False):
         request = attested.session.resource_request(uri.kbs_path())
-        status, body, _ = await http.exchange(request)
-        outcome = attested.session.receive_resource(status, body, what=uri.path, may_renew=may_renew)
+        response = await http.exchange(request)
+        outcome = attested.session.receive_resource(response.status, response.body, what=uri.path, may_renew=may_renew)
         if outcome is protocol.Renew.CREDENTIAL:
             log.info("kbs.credential.rejected", path=uri.kbs_path(), action="renew")
             attested = await credentials.get(stale=attested)
@@ -407,7 +370,7 @@ class KbsClient:
         attester: Attester,
         *,
         init_data_toml: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -438,15 +401,19 @@ class KbsClient:
     async def _handshake(self) -> tuple[protocol.RcarSession, TeeKeyPair]:
         from agent.kbs.jwe import TeeKeyPair
 
-        keypair = await asyncio.to_thread(TeeKeyPair.generate, self._config.tee_key_algorithm)
+        algorithm = self._config.tee_key_algorithm
+        if algorithm is KeyAlgorithm.EC_P256:  # ~0.1 ms: less than a thread hop
+            keypair = TeeKeyPair.generate(algorithm)
+        else:  # RSA-3072 takes tens of milliseconds
+            keypair = await asyncio.to_thread(TeeKeyPair.generate, algorithm)
         session = protocol.RcarSession(
             tee=self._attester.tee, tee_pubkey=keypair.public_jwk(), kbs=self.http.url, init_data_toml=self._init_data
         )
-        status, body, headers = await self.http.exchange(session.auth_request())
-        session.receive_auth(status, body, headers.get_list("set-cookie"))
+        challenge = await self.http.exchange(session.auth_request())
+        session.receive_auth(challenge.status, challenge.body, challenge.header_list("set-cookie"))
         evidence = await self._attester.get_evidence(session.binding_digest())
-        status, body, _ = await self.http.exchange(session.attest_request(evidence))
-        token = session.receive_attest(status, body)
+        answer = await self.http.exchange(session.attest_request(evidence))
+        token = session.receive_attest(answer.status, answer.body)
         log.info(
             "kbs.attested", tee=self._attester.tee, exp=token.exp, key_algorithm=self._config.tee_key_algorithm.value
         )

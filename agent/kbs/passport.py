@@ -22,9 +22,8 @@ from agent.kbs.client import CredentialCache, KbsHttp, fetch_resource
 from agent.kbs.resource import ResourceUri
 from agent.strictjson import load_json_object
 
-if TYPE_CHECKING:  # httpx and cryptography load at the first resource fetch
-    import httpx
-
+if TYPE_CHECKING:  # h11 and cryptography load at the first resource fetch
+    from agent.kbs.http import Transport
     from agent.kbs.jwe import TeeKeyPair
 
 __all__ = ["PassportClient", "TokenPair", "parse_token_reply"]
@@ -64,7 +63,7 @@ class PassportClient:
         config: KbsConfig,
         token_source: TokenSource,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         """`clock` (tests) replaces both the monotonic and the wall clock."""

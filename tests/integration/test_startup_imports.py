@@ -1,9 +1,10 @@
 """Each entry point starts, answers its first call and stops without loading what that call does not need.
 
-Kata gives each guest component a few seconds for its socket and a pod VM a few GiB: cryptography and httpx load at
-the first KBS call, grpc only where gRPC is served, the image-pull modules at the first PullImage, and only the
-chosen TEE's attester. Each case runs the real console-script `main` in a subprocess (`tests/startup_probe.py`) with
-a KBS configured, makes the first call, stops the process with SIGTERM and walks its `sys.modules`. Not timed.
+Kata gives each guest component a few seconds for its socket and a pod VM a few GiB: cryptography and the HTTP
+client load at the first KBS call, grpc only where gRPC is served, the image-pull modules at the first PullImage,
+and only the chosen TEE's attester. Each case runs the real console-script `main` in a subprocess
+(`tests/startup_probe.py`) with a KBS configured, makes the first call, stops the process with SIGTERM and walks its
+`sys.modules`. Not timed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 KBS_URL = "http://127.0.0.1:9"  # configured but never contacted: nothing in these runs calls the KBS
 
-NEVER_AT_START = ("cryptography", "httpx", "httpcore", "agent.kbs.jwe", "agent.jws", "agent.image.pull")
+NEVER_AT_START = (
+    *("cryptography", "httpx", "httpcore", "h11"),
+    *("agent.kbs.http", "agent.kbs.jwe", "agent.jws", "agent.image.pull"),
+)
 NOT_FOR_SAMPLE = ("agent.tee.tdx_attester", "agent.tee.snp_attester", "agent.tee.tdx", "agent.tee.snp")
 EVENT_LOG = ("agent.tee.ccel", "agent.tee.eventlog", "agent.tee.journal")  # only where runtime measurement is on
 
@@ -80,12 +84,13 @@ def test_serve_loads_no_kbs_crypto_or_http_before_a_kbs_call(tmp_path: Path) -> 
 
 
 def test_serve_preloads_the_kbs_client_once_serving(tmp_path: Path) -> None:
-    """`kbs.preload` (the default): httpx and cryptography load in the background after start-up, so the first
-    GetResource does not wait for them (the same walk, while the agent idles)."""
+    """`kbs.preload` (the default): the KBS client's HTTP (h11) and cryptography load in the background after
+    start-up, so the first GetResource does not wait for them (the same walk, while the agent idles). httpx is the
+    image pull's (registries), not the KBS client's: it stays unloaded."""
     sock, argv = _serve_argv(tmp_path, preload=True)
     modules = _probe(tmp_path, sock, "grpc", argv, linger_s=5.0)
-    assert {"httpx", "httpcore", "cryptography", "agent.kbs.jwe"} <= modules
-    assert _loaded(modules, ("agent.image.pull", *NOT_FOR_SAMPLE)) == []
+    assert {"h11", "agent.kbs.http", "cryptography", "agent.kbs.jwe", "agent.jws"} <= modules
+    assert _loaded(modules, ("agent.image.pull", "httpx", "httpcore", "anyio", *NOT_FOR_SAMPLE)) == []
 
 
 def test_attestation_agent_loads_no_grpc_crypto_or_http(tmp_path: Path) -> None:

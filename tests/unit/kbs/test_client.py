@@ -17,10 +17,12 @@ from cvm_tools.sign import encode_compact
 from agent.config import KbsConfig
 from agent.errors import AttestationRejected, KbsProtocolError, KbsTransportError
 from agent.kbs.client import KbsClient
+from agent.kbs.http import ReadError
 from agent.kbs.jwe import TeeKeyPair, encrypt
 from agent.kbs.resource import parse_resource_uri
 from agent.strictjson import b64url_decode, b64url_encode
 from agent.tee.sample import SampleAttester
+from tests.fakes.kbs_transport import MockTransport
 
 
 class GatedKbs:
@@ -43,7 +45,7 @@ class GatedKbs:
 
 
 def client_for(handler: GatedKbs) -> KbsClient:
-    return KbsClient(KbsConfig(url="http://kbs.test"), SampleAttester(), transport=httpx.MockTransport(handler))
+    return KbsClient(KbsConfig(url="http://kbs.test"), SampleAttester(), transport=MockTransport(handler))
 
 
 async def test_waiters_share_one_failed_handshake() -> None:
@@ -101,7 +103,7 @@ async def test_request_shapes() -> None:
             )
         return httpx.Response(200, json={"token": "e30.eyJleHAiOjQxMDI0NDQ4MDB9.c2ln"})
 
-    client = KbsClient(KbsConfig(url="http://kbs.test/"), SampleAttester(), transport=httpx.MockTransport(handler))
+    client = KbsClient(KbsConfig(url="http://kbs.test/"), SampleAttester(), transport=MockTransport(handler))
     session = await client.session()
     await client.aclose()
     auth, attest = seen
@@ -165,7 +167,7 @@ def fake_client(kbs: FakeKbs, *, timeout_s: float = 5.0, clock: bool = True, **c
     return KbsClient(
         KbsConfig(url="https://kbs.test", timeout_s=timeout_s, **config),
         SampleAttester(),
-        transport=httpx.MockTransport(kbs),
+        transport=MockTransport(kbs),
         clock=(lambda: kbs.now[0]) if clock else None,
         sleep=_no_sleep,
     )
@@ -208,7 +210,7 @@ async def test_500_is_unavailable_naming_the_kbs() -> None:
 
 async def test_connection_reset_is_retried() -> None:
     kbs = FakeKbs()
-    kbs.faults["resource"] = [httpx.ReadError("connection reset by peer")]
+    kbs.faults["resource"] = [ReadError("[Errno 104] Connection reset by peer")]
     async with fake_client(kbs) as client:
         assert await client.get_resource(URI) == SECRET_VALUE
 
@@ -351,7 +353,7 @@ class HangingAttester(SampleAttester):
 async def test_a_shared_handshake_ends_at_its_own_deadline() -> None:
     kbs = FakeKbs()
     client = KbsClient(
-        KbsConfig(url="https://kbs.test", timeout_s=0.2), HangingAttester(), transport=httpx.MockTransport(kbs)
+        KbsConfig(url="https://kbs.test", timeout_s=0.2), HangingAttester(), transport=MockTransport(kbs)
     )
     results = await asyncio.gather(*(client.get_resource(URI) for _ in range(3)), return_exceptions=True)
     await client.aclose()
@@ -384,7 +386,7 @@ class SlowQuoteAttester(SampleAttester):
 async def test_one_quote_per_handshake_and_the_loop_serves_meanwhile() -> None:
     kbs, attester = FakeKbs(), SlowQuoteAttester()
     client = KbsClient(
-        KbsConfig(url="https://kbs.test"), attester, transport=httpx.MockTransport(kbs), clock=lambda: kbs.now[0]
+        KbsConfig(url="https://kbs.test"), attester, transport=MockTransport(kbs), clock=lambda: kbs.now[0]
     )
     async with client:
         fetch = asyncio.create_task(client.get_resource(URI))

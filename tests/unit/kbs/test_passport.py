@@ -12,6 +12,7 @@ from agent.errors import KbsProtocolError
 from agent.kbs import protocol
 from agent.kbs.jwe import TeeKeyPair
 from agent.kbs.passport import PassportClient, TokenPair, parse_token_reply
+from tests.fakes.kbs_transport import MockTransport
 from tests.unit.kbs.test_client import SECRET_VALUE, URI, FakeKbs
 
 SIGNER = ec.generate_private_key(ec.SECP256R1())
@@ -38,7 +39,7 @@ class TokenSource:
 
 def passport(kbs: FakeKbs, source: TokenSource) -> PassportClient:
     return PassportClient(
-        KbsConfig(url="https://kbs.test"), source, transport=httpx.MockTransport(kbs), clock=lambda: kbs.now[0]
+        KbsConfig(url="https://kbs.test"), source, transport=MockTransport(kbs), clock=lambda: kbs.now[0]
     )
 
 
