@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import h11
 
+from agent.secret import clip
+
 __all__ = [
     "ConnectError",
     "HttpError",
@@ -40,6 +42,7 @@ __all__ = [
 
 _READ_CHUNK = 64 * 1024
 _MAX_INFORMATIONAL = 8  # 1xx answers skipped before the real one
+_MAX_QUOTE_CHARS = 200
 
 
 class HttpError(Exception):
@@ -194,7 +197,8 @@ class _Connection:
             try:
                 event = self._h11.next_event()
             except h11.RemoteProtocolError as exc:
-                raise RemoteProtocolError(str(exc), answered=received) from None
+                # h11 quotes what it could not parse: a KBS's bytes, cut short for logs and error messages
+                raise RemoteProtocolError(clip(str(exc), _MAX_QUOTE_CHARS), answered=received) from None
             if event is h11.NEED_DATA:
                 try:
                     data = await self._reader.read(_READ_CHUNK)
@@ -231,8 +235,8 @@ class _Connection:
             if body:
                 data = (data or b"") + (self._h11.send(h11.Data(data=body)) or b"")
             return (data or b"") + (self._h11.send(h11.EndOfMessage()) or b"")
-        except h11.LocalProtocolError as exc:
-            msg = f"the request cannot be sent as HTTP/1.1: {exc}"
+        except h11.LocalProtocolError:  # its text quotes the offending header, which may be the token or cookie
+            msg = "the request cannot be sent as HTTP/1.1 (a header name or value the KBS sent back is not valid)"
             raise HttpError(msg) from None
 
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from agent.kbs.http import (
     ConnectError,
+    HttpError,
     HttpResponse,
     Origin,
     Pool,
@@ -440,6 +441,32 @@ async def test_broken_answers(answer: bytes, message: str) -> None:
             await get(pool)
         await pool.aclose()
     assert info.value.answered
+
+
+async def test_error_text_quotes_little_of_the_answer() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX" + b"\x01" * 30_000 + b": y\r\n\r\n")
+        await writer.drain()
+
+    async with serving(script) as server:
+        pool = pool_for(server)
+        with pytest.raises(RemoteProtocolError) as info:
+            await get(pool)
+        await pool.aclose()
+    assert len(str(info.value)) < 300
+
+
+async def test_header_value_that_cannot_be_sent_is_not_quoted() -> None:
+    async with serving(answering(OK)) as server:
+        pool = pool_for(server)
+        with pytest.raises(HttpError) as info:
+            await pool.send(
+                "GET", "/kbs/v0/resource/a/b/c", {"Cookie": "kbs-session-id=secret\r\nX: y"}, None, max_bytes=9
+            )
+        await pool.aclose()
+    assert "secret" not in str(info.value)
+    assert not info.value.retryable
 
 
 async def test_reset_is_a_read_error() -> None:
