@@ -29,12 +29,11 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from agent import __version__, sdnotify
 from agent.config import PLAIN_HTTP_RISK, Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 from agent.files import private_dirs, write_private
+from agent.log import get_logger
 
 if TYPE_CHECKING:
     from agent.api.grpc_server import GrpcServer
@@ -48,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["App", "InitdataMismatch", "run", "stop_signals"]
 
-log = structlog.get_logger("agent.app")
+log = get_logger("agent.app")
 
 AA_TOKEN_TIMEOUT_S = 50.0
 PRELOAD_DELAY_S = 0.2  # after start-up completes: kata-agent's first calls come first

@@ -280,9 +280,12 @@ def _serve(args: argparse.Namespace) -> int:
     from agent.errors import AgentError, ConfigError
 
     cfg = _load_config(args)
-    log.configure(cfg.log.level, cfg.log.format)
+    log.configure(cfg.log.level, cfg.log.format, defer=True)  # structlog loads after serving (agent.log)
     try:
-        return asyncio.run(run(cfg, name="agent"))
+        try:
+            return asyncio.run(run(cfg, name="agent"))
+        finally:
+            log.release()  # the lines logged so far come before any report of a failure
     except ConfigError:
         raise  # exit 2, reported by main
     except AgentError as exc:

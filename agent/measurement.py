@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.errors import EvidenceParseError, InvalidRequest, MeasurementError
+from agent.log import get_logger
 
 if TYPE_CHECKING:  # the event log modules load only where runtime measurement is enabled
     from agent.config import Config
@@ -32,7 +31,7 @@ if TYPE_CHECKING:  # the event log modules load only where runtime measurement i
 
 __all__ = ["MeasurementResult", "RuntimeMeasurement", "build_measurement", "log_path"]
 
-log = structlog.get_logger("agent.measurement")
+log = get_logger("agent.measurement")
 
 AAEL_PATH_ENV = "AAEL_PATH"
 DEFAULT_INIT_PCR = 17  # agent.tee.eventlog.DEFAULT_INIT_PCR (a test keeps them equal), without importing it

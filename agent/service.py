@@ -13,11 +13,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import structlog
-
 from agent.errors import ConfigError, InvalidRequest, NotSupported
 from agent.kbs.resource import ResourceUri, parse_resource_uri
 from agent.keyprovider.service import GuestKeyProvider
+from agent.log import get_logger
 
 if TYPE_CHECKING:
     from agent.image.pull import ImagePuller
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AttestationAgent", "DataHub", "ResourceBackend", "pull_image_measurement"]
 
-log = structlog.get_logger("agent.service")
+log = get_logger("agent.service")
 
 MAX_RUNTIME_DATA = 64 * 1024
 MAX_SEALED_SECRET = 64 * 1024

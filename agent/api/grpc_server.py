@@ -44,13 +44,13 @@ from collections.abc import Iterable
 
 import grpc
 import grpc.aio
-import structlog
 
 from agent.api.budget import Charge, HandlerSlots, ReplyBudget
 from agent.api.methods import Method, ReplyLimit
 from agent.api.sockets import prepare_socket_path, remove_socket, secure_socket
 from agent.api.status import RpcError, StatusCode
 from agent.config import ListenAddress
+from agent.log import get_logger
 
 __all__ = ["MAX_CONNECTIONS", "MAX_HANDLERS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 
@@ -84,7 +84,7 @@ _OPTIONS: list[tuple[str, int]] = [
 ]
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
-log = structlog.get_logger("agent.grpc")
+log = get_logger("agent.grpc")
 
 
 class _Handlers:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
 from google.protobuf.message import DecodeError, Message
 
 from agent import errors
@@ -28,6 +27,7 @@ from agent.api.names import (
     SECURE_MOUNT_SERVICE,
 )
 from agent.api.status import RpcError, StatusCode
+from agent.log import bind_request, clear_request, get_logger
 from agent.secret import MAX_MESSAGE_CHARS, clip
 from agent.service import AttestationAgent, DataHub
 
@@ -40,7 +40,7 @@ __all__ = [
     "status_for",
 ]
 
-log = structlog.get_logger("agent.rpc")
+log = get_logger("agent.rpc")
 
 MAX_ERROR_CHARS = 2 * MAX_MESSAGE_CHARS
 """An error reply's message is cut here; messages quote at most `MAX_MESSAGE_CHARS` of caller input."""
@@ -82,8 +82,7 @@ class Method:
         a cancellation by the caller's deadline (DEADLINE_EXCEEDED) from any other (CANCELLED); `reply_limit`
         is the transport's largest reply and the error it answers for a larger one.
         """
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(rpc=self.path, request_id=uuid.uuid4().hex[:12], transport=transport)
+        bind_request(rpc=self.path, request_id=os.urandom(6).hex(), transport=transport)
         started = time.monotonic()
         code = StatusCode.OK
         fields: dict[str, object] = {}
@@ -125,7 +124,7 @@ class Method:
                 log.info("rpc", code=code.name, duration_ms=duration_ms)
             else:
                 log.warning("rpc", code=code.name, duration_ms=duration_ms, **fields)
-            structlog.contextvars.clear_contextvars()
+            clear_request()
 
 
 @dataclass(frozen=True, slots=True)

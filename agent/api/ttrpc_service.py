@@ -10,18 +10,17 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-import structlog
-
 from agent.api.budget import ReplyBudget
 from agent.api.methods import Method, ReplyLimit
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc import REQUEST_DEADLINE, TtrpcServer, UnaryHandler
 from agent.api.ttrpc_frame import MAX_DATA
+from agent.log import get_logger
 from agent.secret import clip
 
 __all__ = ["build_ttrpc_server"]
 
-log = structlog.get_logger("agent.ttrpc")
+log = get_logger("agent.ttrpc")
 
 
 def _response_size(payload_size: int) -> int:

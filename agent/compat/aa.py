@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import structlog
-
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, AaSettings, cmdline_value, parse_aa_config, unix_path
 from agent.config import TEE_PATH_FLAGS, Config, InitdataConfig, KbsConfig, read_input
+from agent.log import get_logger
 
 __all__ = ["main"]
 
-log = structlog.get_logger("agent.aa")
+log = get_logger("agent.aa")
 
 
 def build_parser() -> argparse.ArgumentParser:

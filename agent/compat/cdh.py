@@ -17,8 +17,6 @@ import argparse
 import os
 from collections.abc import Sequence
 
-import structlog
-
 from agent.compat import common
 from agent.compat.refconfig import (
     CdhSettings,
@@ -30,10 +28,11 @@ from agent.compat.refconfig import (
 from agent.config import Config, CredentialFile, DataHubConfig, KbsConfig, read_input
 from agent.image.settings import ImageConfig
 from agent.kbs.offline import DEFAULT_FILES
+from agent.log import get_logger
 
 __all__ = ["DEFAULT_OCICRYPT_CONFIG", "main", "to_config"]
 
-log = structlog.get_logger("agent.cdh")
+log = get_logger("agent.cdh")
 
 DEFAULT_OCICRYPT_CONFIG = "/run/confidential-containers/cdh/ocicrypt_config.json"
 CREDENTIALS_ENV = "CDH_DEFAULT_IMAGE_AUTHENTICATED_REGISTRY_CREDENTIALS"

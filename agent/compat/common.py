@@ -10,12 +10,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from agent import log as agent_log
 from agent import sdnotify
 from agent.compat.refconfig import KbcParams, cmdline_value, parse_kbc_params
 from agent.errors import AgentError, ConfigError
+from agent.log import get_logger
 
 __all__ = [
     "add_version_flag",
@@ -27,7 +26,7 @@ __all__ = [
     "wait_for_stop",
 ]
 
-log = structlog.get_logger("agent.compat")
+log = get_logger("agent.compat")
 
 DEFAULT_CMDLINE = "/proc/cmdline"
 _RUST_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "error": "error", "off": "error"}
@@ -46,7 +45,7 @@ def configure_logging(config_level: str | None, flag_level: str | None) -> None:
     if level is None and os.environ.get("RUST_LOG"):
         first = os.environ["RUST_LOG"].split(",")[0].rpartition("=")[2].lower()
         level = _RUST_LEVELS.get(first)
-    agent_log.configure(level or config_level or "info", "auto")
+    agent_log.configure(level or config_level or "info", "auto", defer=True)  # structlog loads after serving
 
 
 def read_kernel_cmdline(path: str | None) -> str:
@@ -94,7 +93,10 @@ def serve_translated(
 def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a command's coroutine; configuration errors exit 2, agent errors 1, each as one stderr line."""
     try:
-        return asyncio.run(main())
+        try:
+            return asyncio.run(main())
+        finally:
+            agent_log.release()  # the lines logged so far come before any report of a failure
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +107,7 @@ def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         print(f"{prog}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # an agent bug: one line without values, never a traceback
-        if not structlog.is_configured():
+        if not agent_log.is_configured():
             agent_log.configure("error")
         agent_log.log_crash(f"{prog}.crash", exc)
         return 1

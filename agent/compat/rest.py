@@ -39,8 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import structlog
-
 from agent import __version__
 from agent.api.budget import DEFAULT_REPLY_BUDGET, Charge, ReplyBudget
 from agent.api.names import AA_SERVICE, RESOURCE_SERVICE
@@ -49,13 +47,13 @@ from agent.api.ttrpc import TtrpcClient
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
 from agent.errors import ConfigError, InvalidRequest
-from agent.log import log_crash
+from agent.log import get_logger, log_crash
 from agent.secret import clip
 from agent.strictjson import b64url_decode, load_json_object
 
 __all__ = ["ConnectionLimiter", "RestApi", "main"]
 
-log = structlog.get_logger("agent.rest")
+log = get_logger("agent.rest")
 
 AA = AA_SERVICE
 CDH_RESOURCE = RESOURCE_SERVICE

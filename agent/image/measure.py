@@ -11,9 +11,8 @@ import asyncio
 import os
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent.errors import ImageError
+from agent.log import get_logger
 
 if TYPE_CHECKING:
     from agent.api.ttrpc import TtrpcClient
@@ -21,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AA_MEASUREMENT_TIMEOUT_S", "AaMeasurementClient"]
 
-log = structlog.get_logger("agent.image.measure")
+log = get_logger("agent.image.measure")
 
 AA_MEASUREMENT_TIMEOUT_S = 10.0
 

@@ -27,8 +27,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -54,10 +52,11 @@ from agent.image.registries import (
 from agent.image.registry import Deadline, ProxyConfig, RegistryClient, RegistrySession
 from agent.image.settings import ImageConfig as PullSettings
 from agent.image.store import Layer, LayerStore
+from agent.log import get_logger
 
 __all__ = ["ImagePuller", "PullProgress", "PullSettings", "measurement_content"]
 
-log = structlog.get_logger("agent.image.pull")
+log = get_logger("agent.image.pull")
 
 GetResource = Callable[[str], Awaitable[bytes]]
 Unwrap = Callable[[bytes], Awaitable[bytes]]

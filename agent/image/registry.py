@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import structlog
 
 from agent import __version__
 from agent.errors import ImageFormatError, InvalidRequest, RegistryError
@@ -33,10 +32,11 @@ from agent.image.auth import Credentials, parse_challenge, parse_token_reply
 from agent.image.manifest import ACCEPT, MAX_MANIFEST_BYTES, Descriptor, digest_of
 from agent.image.reference import ImageReference
 from agent.image.registries import PullTask
+from agent.log import get_logger
 
 __all__ = ["Deadline", "ProxyConfig", "RegistryClient", "RegistrySession", "build_tls_context"]
 
-log = structlog.get_logger("agent.image.registry")
+log = get_logger("agent.image.registry")
 
 _USER_AGENT = f"cvm-agent/{__version__}"
 _RETRY_STATUS = {429, 500, 502, 503, 504}

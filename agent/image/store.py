@@ -35,16 +35,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from agent.errors import LayerError
 from agent.image import ocicrypt
 from agent.image.compression import LayerMediaType, Readable, open_decompressed, parse_media_type
 from agent.image.unpack import unpack_layer
+from agent.log import get_logger
 
 __all__ = ["Layer", "LayerStore", "META_FILE", "Unwrap", "OpenBlob"]
 
-log = structlog.get_logger("agent.image")
+log = get_logger("agent.image")
 
 META_FILE = "meta_store.json"
 MAX_META_SIZE = 64 * 1024 * 1024

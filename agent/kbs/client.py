@@ -25,14 +25,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
-
 from agent import __version__
 from agent.config import KbsConfig
 from agent.errors import AgentError, ConfigError, DecryptionError, KbsError, KbsProtocolError, KbsTransportError
 from agent.kbs import protocol
 from agent.kbs.keyalg import KeyAlgorithm
 from agent.kbs.resource import ResourceUri
+from agent.log import get_logger
 from agent.shared import SharedValue
 
 if TYPE_CHECKING:  # h11 (agent.kbs.http) and cryptography (agent.kbs.jwe) load at the first KBS exchange
@@ -52,7 +51,7 @@ __all__ = [
     "preload",
 ]
 
-log = structlog.get_logger("agent.kbs")
+log = get_logger("agent.kbs")
 
 _USER_AGENT = f"cvm-agent/{__version__}"
 _REFRESH_FRACTION = (0.75, 0.80)  # of the token lifetime, with jitter

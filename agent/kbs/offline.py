@@ -12,15 +12,14 @@ import binascii
 from collections.abc import Iterable
 from pathlib import Path
 
-import structlog
-
 from agent.errors import ConfigError, ResourceNotFound
 from agent.kbs.resource import ResourceUri
+from agent.log import get_logger
 from agent.strictjson import load_json
 
 __all__ = ["DEFAULT_FILES", "OfflineFsKbc", "parse_resource_file"]
 
-log = structlog.get_logger("agent.kbs.offline")
+log = get_logger("agent.kbs.offline")
 
 DEFAULT_FILES = ("/etc/aa-offline_fs_kbc-keys.json", "/etc/aa-offline_fs_kbc-resources.json")
 MAX_FILE_BYTES = 16 * 1024 * 1024

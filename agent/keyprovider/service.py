@@ -12,16 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-import structlog
-
 from agent.errors import DecryptionError, InvalidRequest, NotSupported
 from agent.keyprovider import annotation, messages
+from agent.log import get_logger
 from agent.secret import Secret
 from agent.shared import SharedValue
 
 __all__ = ["GuestKeyProvider"]
 
-log = structlog.get_logger("agent.keyprovider")
+log = get_logger("agent.keyprovider")
 
 KEK_BYTES = 32
 ResourceFetcher = Callable[[str], Awaitable[bytes]]

@@ -7,10 +7,9 @@ sample TEE is used only when asked for by name.
 
 from __future__ import annotations
 
-import structlog
-
 from agent.config import Config
 from agent.errors import TeeUnavailable
+from agent.log import get_logger
 from agent.tee import registry, sample, tsm
 from agent.tee.base import Attester
 from agent.tee.detect import detect
@@ -18,7 +17,7 @@ from agent.tee.kinds import AUTO, TeeKind
 
 __all__ = ["make_attester"]
 
-log = structlog.get_logger("agent.tee")
+log = get_logger("agent.tee")
 
 
 def make_attester(config: Config, *, fsops: tsm.FsOps | None = None) -> Attester:

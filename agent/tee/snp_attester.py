@@ -27,18 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-import structlog
-
 from agent.config import TeePaths
 from agent.errors import DeviceError, EvidenceMismatch, EvidenceParseError, TeeUnavailable
 from agent.initdata import binding_value
+from agent.log import get_logger
 from agent.tee import _device, snp, tsm
 from agent.tee import _uapi as uapi
 from agent.tee._common import pad_report_data, require_init_data
 
 __all__ = ["HOST_DATA_LEN", "SnpAttester", "SnpReport"]
 
-log = structlog.get_logger("agent.tee.snp")
+log = get_logger("agent.tee.snp")
 
 HOST_DATA_LEN: Final = 32
 

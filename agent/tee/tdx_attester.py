@@ -28,17 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
-import structlog
-
 from agent.config import TeePaths
 from agent.errors import DeviceError, EvidenceMismatch, EvidenceParseError, TeeUnavailable
 from agent.initdata import binding_value
+from agent.log import get_logger
 from agent.tee import _device, ccel, tdx, tsm
 from agent.tee._common import pad_report_data, read_optional, require_init_data
 
 __all__ = ["MR_LEN", "TdxAttester", "TdxRegisters"]
 
-log = structlog.get_logger("agent.tee.tdx")
+log = get_logger("agent.tee.tdx")
 
 MR_LEN: Final = 48
 _SYSFS_MRCONFIGID: Final = "mrconfigid"

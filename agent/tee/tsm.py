@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-import structlog
-
 from agent.errors import DeviceError, TeeError, TeeUnavailable, TsmGenerationError
+from agent.log import get_logger
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -53,7 +52,7 @@ __all__ = [
     "probe",
 ]
 
-log = structlog.get_logger("agent.tee.tsm")
+log = get_logger("agent.tee.tsm")
 
 DEFAULT_ROOT: Final = Path("/sys/kernel/config/tsm/report")
 PROVIDER_TDX: Final = "tdx_guest"

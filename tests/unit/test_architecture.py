@@ -100,3 +100,14 @@ def test_only_sdnotify_talks_to_systemd() -> None:
         if "NOTIFY_SOCKET" in p.read_text() and p.name != "sdnotify.py" and "_gen" not in p.parts
     ]
     assert offenders == []
+
+
+def test_only_the_log_module_imports_structlog() -> None:
+    """Modules log through `agent.log.get_logger`: a module importing structlog itself would load it before the
+    daemons answer (decision 18) and bypass the deferred configuration's level filter and kept lines."""
+    offenders = sorted(
+        str(p.relative_to(REPO))
+        for p in ROOT.rglob("*.py")
+        if "structlog" in imported_roots(p) and p.relative_to(ROOT).as_posix() != "log.py"
+    )
+    assert offenders == []
