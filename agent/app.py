@@ -104,7 +104,8 @@ class App:
             raise RuntimeError(msg)
         self._started = True
         config = self.config
-        self._initdata = await asyncio.to_thread(_load_initdata, config)
+        if config.initdata.toml is not None:  # a file to read and parse; otherwise no thread to start
+            self._initdata = await asyncio.to_thread(_load_initdata, config)
         self._initdata_digest = self._initdata.digest if self._initdata is not None else _digest_argument(config)
         if self.serves_aa or config.data_hub.backend == "kbs":
             if self._attester is None:

@@ -60,13 +60,11 @@ Every `tee_paths` key is also a command-line flag of `serve`, `check-config`, `t
 
 from __future__ import annotations
 
-import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 from agent.image.settings import ImageConfig, parse_image_table
@@ -140,6 +138,8 @@ def parse_listen_address(text: object, *, key: str = "socket") -> ListenAddress:
             msg = f"`{key}` is {text!r}: port {port_text!r} is not in 1..65535"
             raise ConfigError(msg, key=key)
         if host != "localhost":
+            import ipaddress  # TCP listeners are rare: the drop-ins never load it
+
             try:
                 loopback = ipaddress.ip_address(host).is_loopback
             except ValueError:
@@ -395,6 +395,8 @@ def _kbs_url(value: object, key: str) -> str:
     if not isinstance(value, str):
         msg = f"`{key}` is {value!r}, expected an http(s) URL"
         raise ConfigError(msg, key=key)
+    from urllib.parse import urlsplit
+
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         msg = f"`{key}` is {value!r}, expected an http:// or https:// URL with a host"

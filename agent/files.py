@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from pathlib import Path
 
 __all__ = ["DIR_MODE", "FILE_MODE", "create_private", "private_dirs", "write_private"]
@@ -73,7 +72,7 @@ def write_private(path: str | os.PathLike[str], data: bytes) -> None:
     if target.is_dir():
         msg = f"{target} is a directory"
         raise IsADirectoryError(msg)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    temporary = target.with_name(f".{target.name}.{os.urandom(6).hex()}.tmp")
     try:
         _write_new(temporary, data)
         os.replace(temporary, target)  # noqa: PTH105 - explicit about the atomic rename

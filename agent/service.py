@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import ConfigError, InvalidRequest, NotSupported
-from agent.kbs.resource import ResourceUri, parse_resource_uri
-from agent.keyprovider.service import GuestKeyProvider
 from agent.log import get_logger
 
 if TYPE_CHECKING:
     from agent.image.pull import ImagePuller
     from agent.image.settings import ImageConfig
     from agent.kbs.client import KbsClient
+    from agent.kbs.resource import ResourceUri
     from agent.measurement import MeasurementResult, RuntimeMeasurement
     from agent.tee.base import Attester
 
@@ -162,6 +161,8 @@ class DataHub:
         self._kbs = kbs
         self._skip_verification = skip_sealed_secret_verification
         self._key_dir = Path(sealed_secret_key_dir)
+        from agent.keyprovider.service import GuestKeyProvider  # the data hub's, not the attestation agent's
+
         self.keyprovider = GuestKeyProvider(self.get_resource, cache_s=kek_cache_s)
         self._image_config = image
         self._measure = measure
@@ -200,6 +201,8 @@ class DataHub:
 
     async def get_resource(self, resource_path: str) -> bytes:
         """Raw resource bytes for `kbs:///repo/type/tag` (the URI's host part is ignored)."""
+        from agent.kbs.resource import parse_resource_uri
+
         uri = parse_resource_uri(resource_path)
         if self._kbs is None:
             msg = "no KBS is configured: set `kbs.url` in the config or pass --kbs-url"

@@ -12,12 +12,11 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError, Message
 
 from agent import errors
-from agent.api._gen import api_pb2, attestation_agent_pb2, keyprovider_pb2
 from agent.api.names import (
     AA_SERVICE,
     IMAGE_PULL_SERVICE,
@@ -29,7 +28,10 @@ from agent.api.names import (
 from agent.api.status import RpcError, StatusCode
 from agent.log import bind_request, clear_request, get_logger
 from agent.secret import MAX_MESSAGE_CHARS, clip
-from agent.service import AttestationAgent, DataHub
+
+if TYPE_CHECKING:  # each transport loads the generated code of the services it serves, when it builds them
+    from agent.api._gen import api_pb2
+    from agent.service import AttestationAgent, DataHub
 
 __all__ = [
     "MAX_ERROR_CHARS",
@@ -136,7 +138,7 @@ class ReplyLimit:
 
 
 def _aa_methods(aa: AttestationAgent) -> list[Method]:
-    pb = attestation_agent_pb2
+    from agent.api._gen import attestation_agent_pb2 as pb
 
     async def get_evidence(req: pb.GetEvidenceRequest) -> Message:
         return pb.GetEvidenceResponse(Evidence=await aa.get_evidence(req.RuntimeData))
@@ -174,6 +176,8 @@ def _aa_methods(aa: AttestationAgent) -> list[Method]:
 
 
 def _cdh_methods(hub: DataHub) -> list[Method]:
+    from agent.api._gen import api_pb2
+
     async def get_resource(req: api_pb2.GetResourceRequest) -> Message:
         return api_pb2.GetResourceResponse(Resource=await hub.get_resource(req.ResourcePath))
 
@@ -205,7 +209,7 @@ KeyProviderHandler = Callable[[bytes], Awaitable[bytes]]
 
 def keyprovider_methods(*, wrap: KeyProviderHandler | None, unwrap: KeyProviderHandler | None) -> list[Method]:
     """WrapKey / UnWrapKey; a side that is not served answers UNIMPLEMENTED with the reason."""
-    pb = keyprovider_pb2
+    from agent.api._gen import keyprovider_pb2 as pb
 
     async def wrap_key(req: pb.KeyProviderKeyWrapProtocolInput) -> Message:
         if wrap is None:
@@ -232,6 +236,7 @@ def keyprovider_methods(*, wrap: KeyProviderHandler | None, unwrap: KeyProviderH
 def agent_methods(hub: DataHub) -> list[Method]:
     """cvm-agent's own methods (its gRPC socket only): `cvm_agent.ImagePull/Progress`, the progress of the pull
     into a bundle as JSON (`GetResourceRequest.ResourcePath` = bundle path; empty when no such pull runs)."""
+    from agent.api._gen import api_pb2
 
     async def progress(req: api_pb2.GetResourceRequest) -> Message:
         state = hub.pull_progress(req.ResourcePath)

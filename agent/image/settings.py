@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.image.registries import parse_registry_config
 
 __all__ = ["DEFAULT_WORK_DIR", "ImageConfig", "parse_image_table"]
 
@@ -116,6 +115,8 @@ def parse_image_table(table: Mapping[str, object], *, where: str = "image", stri
         if not isinstance(registry_config, dict):
             msg = f"`{where}.registry_config` is {registry_config!r:.80}, expected a table"
             raise ConfigError(msg, key=f"{where}.registry_config")
+        from agent.image.registries import parse_registry_config  # the image modules load at the first pull
+
         parse_registry_config(registry_config)  # validated now, so check-config reports it
         values["registry_config"] = registry_config
     concurrency = table.get("max_concurrent_layer_downloads_per_image", 3)

@@ -7,13 +7,17 @@ sample TEE is used only when asked for by name.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from agent.config import Config
 from agent.errors import TeeUnavailable
 from agent.log import get_logger
-from agent.tee import registry, sample, tsm
-from agent.tee.base import Attester
-from agent.tee.detect import detect
+from agent.tee import registry, sample
 from agent.tee.kinds import AUTO, TeeKind
+
+if TYPE_CHECKING:
+    from agent.tee import tsm
+    from agent.tee.base import Attester
 
 __all__ = ["make_attester"]
 
@@ -26,6 +30,8 @@ def make_attester(config: Config, *, fsops: tsm.FsOps | None = None) -> Attester
     if name == TeeKind.SAMPLE:
         log.warning("tee.sample.insecure", warning=sample.WARNING)
     elif name == AUTO:
+        from agent.tee.detect import detect  # probing: only for `auto`
+
         detection = detect(config.tee_paths, fsops=fsops)
         if detection.tee is None:
             msg = (
