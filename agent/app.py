@@ -34,6 +34,7 @@ from agent.config import PLAIN_HTTP_RISK, Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 from agent.files import private_dirs, write_private
 from agent.log import get_logger
+from agent.startup import resume_gc
 
 if TYPE_CHECKING:
     from agent.api.grpc_server import GrpcServer
@@ -408,6 +409,7 @@ async def run(config: Config, *, name: str = "cvm-agent") -> int:
                 return 1
             sdnotify.ready(status=f"{name} serving")
             log.info(f"{name}.ready")
+            resume_gc(freeze=True)  # start-up is over: what it loaded stays for the process's life
             await stop.wait()
             sdnotify.stopping()
             log.info(f"{name}.stopping")

@@ -412,6 +412,16 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from agent.startup import pause_gc, resume_gc
+
+    pause_gc()  # `serve` resumes it once serving (agent.startup)
+    try:
+        return _main(argv)
+    finally:
+        resume_gc()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -14,18 +14,22 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from agent.compat import common
-from agent.compat.refconfig import DEFAULT_AA_SOCKET, AaSettings, cmdline_value, parse_aa_config, unix_path
-from agent.config import TEE_PATH_FLAGS, Config, InitdataConfig, KbsConfig, read_input
-from agent.log import get_logger
+if TYPE_CHECKING:
+    from agent.compat.refconfig import AaSettings
+    from agent.config import Config
 
 __all__ = ["main"]
 
-log = get_logger("agent.aa")
+# Imports are made where they are used: `main` pauses the collector before the program loads (agent.startup).
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.compat import common
+    from agent.compat.refconfig import DEFAULT_AA_SOCKET
+    from agent.config import TEE_PATH_FLAGS
+
     parser = argparse.ArgumentParser(
         prog="attestation-agent", description="cvm-agent's drop-in for the reference attestation agent (ttRPC)."
     )
@@ -43,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _choose_tee(flag: str | None, settings: AaSettings, cmdline: str) -> tuple[str, str]:
+    from agent.compat.refconfig import cmdline_value
+
     if flag is not None:
         return flag, "--tee"
     if settings.tee is not None:
@@ -56,6 +62,12 @@ def _choose_tee(flag: str | None, settings: AaSettings, cmdline: str) -> tuple[s
 def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The reference AA's inputs (flags, `-c` config, `AA_KBC_PARAMS`, kernel command line) as a `Config`, and
     the log level they ask for."""
+    from agent.compat import common
+    from agent.compat.refconfig import AaSettings, parse_aa_config, unix_path
+    from agent.config import TEE_PATH_FLAGS, Config, InitdataConfig, KbsConfig, read_input
+    from agent.log import get_logger
+
+    log = get_logger("agent.aa")
     settings = AaSettings()
     if args.config_file:
         settings = parse_aa_config(read_input(args.config_file, key="--config-file"), source=args.config_file)
@@ -78,4 +90,12 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.serve_translated("attestation-agent", "aa", build_parser().parse_args(argv), to_config)
+    from agent.startup import pause_gc, resume_gc
+
+    pause_gc()
+    try:
+        from agent.compat import common
+
+        return common.serve_translated("attestation-agent", "aa", build_parser().parse_args(argv), to_config)
+    finally:
+        resume_gc()

@@ -16,23 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from agent.compat import common
-from agent.compat.refconfig import (
-    CdhSettings,
-    credentials_from_cmdline,
-    image_config_from_cmdline,
-    parse_cdh_config,
-    unix_path,
-)
-from agent.config import Config, CredentialFile, DataHubConfig, KbsConfig, read_input
-from agent.image.settings import ImageConfig
-from agent.kbs.offline import DEFAULT_FILES
-from agent.log import get_logger
+if TYPE_CHECKING:
+    from agent.compat.refconfig import CdhSettings
+    from agent.config import Config
+    from agent.image.settings import ImageConfig
 
 __all__ = ["DEFAULT_OCICRYPT_CONFIG", "main", "to_config"]
 
-log = get_logger("agent.cdh")
+# Imports are made where they are used: `main` pauses the collector before the program loads (agent.startup).
 
 DEFAULT_OCICRYPT_CONFIG = "/run/confidential-containers/cdh/ocicrypt_config.json"
 CREDENTIALS_ENV = "CDH_DEFAULT_IMAGE_AUTHENTICATED_REGISTRY_CREDENTIALS"
@@ -51,11 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the guest ocicrypt config when OCICRYPT_KEYPROVIDER_CONFIG is unset",
     )
     parser.add_argument("--log-level", help="debug, info, warning or error (default: RUST_LOG, then [log] level)")
+    from agent.compat import common
+
     common.add_version_flag(parser)
     return parser
 
 
 def _load_settings(path: str | None) -> CdhSettings:
+    from agent.compat.refconfig import CdhSettings, parse_cdh_config
+    from agent.config import read_input
+
     if not path:
         return CdhSettings()
     return parse_cdh_config(read_input(path, key="-c"), source=path)
@@ -64,6 +62,8 @@ def _load_settings(path: str | None) -> CdhSettings:
 def _image_config(settings: CdhSettings, cmdline: str) -> ImageConfig:
     """`[image]` if present, else the kernel command line; the credentials env variable wins over both."""
     from dataclasses import replace
+
+    from agent.compat.refconfig import image_config_from_cmdline
 
     image = settings.image if settings.image is not None else image_config_from_cmdline(cmdline)
     override = os.environ.get(CREDENTIALS_ENV)
@@ -75,6 +75,12 @@ def _image_config(settings: CdhSettings, cmdline: str) -> ImageConfig:
 def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     """The reference CDH's inputs (`-c` config, `AA_KBC_PARAMS`, kernel command line, environment) as a
     `Config`, and the log level they ask for."""
+    from agent.compat import common
+    from agent.compat.refconfig import credentials_from_cmdline, unix_path
+    from agent.config import Config, CredentialFile, DataHubConfig, KbsConfig
+    from agent.log import get_logger
+
+    log = get_logger("agent.cdh")
     settings = _load_settings(args.config)
     if settings.ignored:
         log.info("cdh.config_ignored", tables=list(settings.ignored), reason="not used by cvm-agent")
@@ -84,10 +90,15 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
     passport = kbc is not None and kbc.name == "cc_kbc" and kbc.url is not None
     extra = os.environ.get("OFFLINE_FS_KBC_EXTRA_FILE_PATH")
     log.info("cdh.settings", kbc=kbc.name if kbc else None, source=source)
+    offline_files: tuple[str, ...] = ()
+    if not passport:
+        from agent.kbs.offline import DEFAULT_FILES
+
+        offline_files = (*DEFAULT_FILES, *([extra] if extra else []))
     hub = DataHubConfig(
         backend="passport" if passport else "offline",
         aa_socket=unix_path(settings.aa_socket, key="aa.aa_socket"),
-        offline_files=() if passport else (*DEFAULT_FILES, *([extra] if extra else [])),
+        offline_files=offline_files,
         credentials=tuple(CredentialFile(resource_uri=c.resource_uri, path=c.path) for c in credentials),
         ocicrypt_config=args.ocicrypt_config,
         skip_sealed_secret_verification=settings.skip_sealed_secret_verification,
@@ -103,4 +114,12 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return common.serve_translated("confidential-data-hub", "cdh", build_parser().parse_args(argv), to_config)
+    from agent.startup import pause_gc, resume_gc
+
+    pause_gc()
+    try:
+        from agent.compat import common
+
+        return common.serve_translated("confidential-data-hub", "cdh", build_parser().parse_args(argv), to_config)
+    finally:
+        resume_gc()

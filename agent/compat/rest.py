@@ -49,6 +49,7 @@ from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_p
 from agent.errors import ConfigError, InvalidRequest
 from agent.log import get_logger, log_crash
 from agent.secret import clip
+from agent.startup import pause_gc, resume_gc
 from agent.strictjson import b64url_decode, load_json_object
 
 __all__ = ["ConnectionLimiter", "RestApi", "main"]
@@ -403,6 +404,7 @@ async def run(args: argparse.Namespace) -> int:
         lambda r, w: _serve_connection(api, r, w, limiter), host.strip("[]"), int(port), limit=MAX_HEAD
     )
     log.info("rest.listening", bind=args.bind, features=args.features)
+    resume_gc(freeze=True)  # start-up is over (agent.startup)
     try:
         await common.wait_for_stop()
     finally:
@@ -414,5 +416,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return common.run_command("api-server-rest", lambda: run(args))
+    pause_gc()
+    try:
+        args = build_parser().parse_args(argv)
+        return common.run_command("api-server-rest", lambda: run(args))
+    finally:
+        resume_gc()
