@@ -23,9 +23,8 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +32,8 @@ from agent import __version__, sdnotify
 from agent.config import PLAIN_HTTP_RISK, Config, CredentialFile, read_input
 from agent.errors import ConfigError, EvidenceMismatch, NotSupported
 from agent.files import private_dirs, write_private
+from agent.lifecycle import resume_gc, stop_signals
 from agent.log import get_logger
-from agent.startup import resume_gc
 
 if TYPE_CHECKING:
     from agent.api.grpc_server import GrpcServer
@@ -378,22 +377,6 @@ def _write_private_file(path: Path, data: bytes) -> None:
     """A secret file: 0700 directories, a 0600 temporary file renamed over the target (agent.files)."""
     private_dirs(path.parent)
     write_private(path, data)
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator[asyncio.Event]:
-    """An event set on SIGTERM, SIGINT or SIGHUP (the reference exits on SIGINT and SIGHUP), with the handlers
-    installed for the whole block: a signal that arrives right after READY=1 is not lost."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        yield stop
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)
 
 
 async def run(config: Config, *, name: str = "cvm-agent") -> int:

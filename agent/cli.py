@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from agent.argparsing import ArgumentParser
+
 __all__ = ["EXIT_FAILURE", "EXIT_UNREACHABLE", "EXIT_USAGE", "main"]
 
 EXIT_OK = 0
@@ -94,7 +96,7 @@ def _add_image_commands(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cvm-agent",
         description="Guest attestation agent for confidential VMs (TDX, SEV-SNP, sample mock TEE).",
         epilog=_EPILOG,
@@ -412,9 +414,9 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.startup import pause_gc, resume_gc
+    from agent.lifecycle import pause_gc, resume_gc
 
-    pause_gc()  # `serve` resumes it once serving (agent.startup)
+    pause_gc()  # `serve` resumes it once serving (agent.lifecycle)
     try:
         return _main(argv)
     finally:

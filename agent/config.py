@@ -60,7 +60,6 @@ Every `tee_paths` key is also a command-line flag of `serve`, `check-config`, `t
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -620,6 +619,8 @@ def load(path: str | Path | None) -> Config:
     """Read and validate a TOML config file; `None` gives the defaults."""
     if path is None:
         return Config()
+    import tomllib  # only a config file needs it
+
     raw = read_input(path, key="--config")
     try:
         data = tomllib.loads(raw.decode("utf-8"))

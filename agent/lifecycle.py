@@ -1,4 +1,4 @@
-"""The collector during a daemon's start-up. Edge (the interpreter's garbage collector).
+"""A daemon's process life: the collector during start-up, the stop signals. Edge (gc, signals).
 
 Loading the daemons allocates some hundred thousand objects that live as long as the process (modules,
 classes, the code dataclasses generate) and almost no garbage, yet each allocation burst runs the collector,
@@ -11,13 +11,20 @@ permanent generation (no later collection walks it again) and turns the collecto
         ...                       # imports, configuration, bind, serve
     finally:
         resume_gc()               # also when start-up fails; a no-op if it was resumed already
+
+`stop_signals()` is the stop event of every daemon (here, not in `agent.app`, so that api-server-rest, which
+builds no `App`, does not load the configuration world to get it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import signal
+from collections.abc import Iterator
 
-__all__ = ["pause_gc", "resume_gc"]
+__all__ = ["pause_gc", "resume_gc", "stop_signals"]
 
 _paused = [False]  # set only when this module turned the collector off, so it never turns on one it did not
 
@@ -35,3 +42,19 @@ def resume_gc(*, freeze: bool = False) -> None:
     if freeze:
         gc.freeze()
     gc.enable()
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[asyncio.Event]:
+    """An event set on SIGTERM, SIGINT or SIGHUP (the reference exits on SIGINT and SIGHUP), with the handlers
+    installed for the whole block: a signal that arrives right after READY=1 is not lost."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield stop
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)

@@ -22,15 +22,16 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-# Imports are made where they are used: `main` pauses the collector before the program loads (agent.startup).
+# Imports are made where they are used: `main` pauses the collector before the program loads (agent.lifecycle).
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.argparsing import ArgumentParser
     from agent.compat import common
     from agent.compat.refconfig import DEFAULT_AA_SOCKET
     from agent.config import TEE_PATH_FLAGS
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="attestation-agent", description="cvm-agent's drop-in for the reference attestation agent (ttRPC)."
     )
     parser.add_argument("-a", "--attestation_sock", default=DEFAULT_AA_SOCKET, metavar="ADDR", help="unix:///path")
@@ -90,7 +91,7 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.startup import pause_gc, resume_gc
+    from agent.lifecycle import pause_gc, resume_gc
 
     pause_gc()
     try:

@@ -25,14 +25,16 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_OCICRYPT_CONFIG", "main", "to_config"]
 
-# Imports are made where they are used: `main` pauses the collector before the program loads (agent.startup).
+# Imports are made where they are used: `main` pauses the collector before the program loads (agent.lifecycle).
 
 DEFAULT_OCICRYPT_CONFIG = "/run/confidential-containers/cdh/ocicrypt_config.json"
 CREDENTIALS_ENV = "CDH_DEFAULT_IMAGE_AUTHENTICATED_REGISTRY_CREDENTIALS"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from agent.argparsing import ArgumentParser
+
+    parser = ArgumentParser(
         prog="confidential-data-hub", description="cvm-agent's drop-in for the reference confidential data hub."
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="reference CDH config (TOML or .json)")
@@ -114,7 +116,7 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.startup import pause_gc, resume_gc
+    from agent.lifecycle import pause_gc, resume_gc
 
     pause_gc()
     try:

@@ -115,7 +115,7 @@ def run_command(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 async def wait_for_stop() -> None:
     """Return on SIGTERM, SIGINT or SIGHUP (the reference exits on SIGINT and SIGHUP)."""
-    from agent.app import stop_signals
+    from agent.lifecycle import stop_signals
 
     with stop_signals() as stop:
         sdnotify.ready()  # callers await this once their socket serves

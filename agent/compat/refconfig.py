@@ -20,15 +20,16 @@ line `cdh.kbs_resources=<uri>::<path>,...`. The mock TEE may be asked for on the
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.config import EventlogConfig
 from agent.errors import ConfigError
-from agent.image.settings import ImageConfig, parse_image_table
 from agent.kbs.keyalg import KeyAlgorithm
 from agent.tee.kinds import TEE_CHOICES
+
+if TYPE_CHECKING:  # api-server-rest needs only the socket paths: no config, TOML or image modules
+    from agent.config import EventlogConfig
+    from agent.image.settings import ImageConfig
 
 __all__ = [
     "DEFAULT_AA_SOCKET",
@@ -132,6 +133,8 @@ def _load(raw: bytes, source: str) -> dict[str, Any]:
         raise ConfigError(msg, key=source)
     try:
         text = raw.decode("utf-8")
+        import tomllib
+
         data: object = json.loads(text) if source.endswith(".json") else tomllib.loads(text)
     except (UnicodeDecodeError, ValueError) as exc:
         msg = f"{source} is not valid {'JSON' if source.endswith('.json') else 'TOML'}: {exc}"
@@ -190,6 +193,8 @@ class AaSettings:
 
     def eventlog(self) -> EventlogConfig:
         """`[eventlog_config]` as cvm-agent's `[eventlog]`; the log path stays `$AAEL_PATH` or the default."""
+        from agent.config import EventlogConfig
+
         return EventlogConfig(enabled=self.enable_eventlog, init_pcr=self.init_pcr)
 
 
@@ -259,6 +264,8 @@ def image_config_from_cmdline(cmdline: str) -> ImageConfig:
     policy = None
     if (cmdline_value(cmdline, "agent.enable_signature_verification") or "").lower() == "true":
         policy = cmdline_value(cmdline, "agent.image_policy_file") or None
+    from agent.image.settings import ImageConfig
+
     return ImageConfig(
         https_proxy=cmdline_value(cmdline, "agent.https_proxy") or None,
         http_proxy=cmdline_value(cmdline, "agent.http_proxy") or None,
@@ -308,6 +315,8 @@ def parse_cdh_config(raw: bytes, *, source: str) -> CdhSettings:
     settings["skip_sealed_secret_verification"] = skip
     settings["log_level"] = _log_level(data, source)
     if "image" in data:
+        from agent.image.settings import parse_image_table
+
         settings["image"] = parse_image_table(_table(data, "image", source), strict=False)
     return CdhSettings(**settings)
 

@@ -44,12 +44,13 @@ from agent.api.budget import DEFAULT_REPLY_BUDGET, Charge, ReplyBudget
 from agent.api.names import AA_SERVICE, RESOURCE_SERVICE
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc import TtrpcClient
+from agent.argparsing import ArgumentParser
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
 from agent.errors import ConfigError, InvalidRequest
+from agent.lifecycle import pause_gc, resume_gc
 from agent.log import get_logger, log_crash
 from agent.secret import clip
-from agent.startup import pause_gc, resume_gc
 from agent.strictjson import b64url_decode, load_json_object
 
 __all__ = ["ConnectionLimiter", "RestApi", "main"]
@@ -380,7 +381,7 @@ def _path_of(target: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="api-server-rest", description="REST API in front of the AA and CDH.")
+    parser = ArgumentParser(prog="api-server-rest", description="REST API in front of the AA and CDH.")
     parser.add_argument("-b", "--bind", default="127.0.0.1:8006", help="listen address (default %(default)s)")
     parser.add_argument("-f", "--features", default="resource", choices=FEATURES, help="default %(default)s")
     parser.add_argument("-a", "--aa_addr", default=DEFAULT_AA_SOCKET, help="AA ttRPC socket")
@@ -404,7 +405,7 @@ async def run(args: argparse.Namespace) -> int:
         lambda r, w: _serve_connection(api, r, w, limiter), host.strip("[]"), int(port), limit=MAX_HEAD
     )
     log.info("rest.listening", bind=args.bind, features=args.features)
-    resume_gc(freeze=True)  # start-up is over (agent.startup)
+    resume_gc(freeze=True)  # start-up is over (agent.lifecycle)
     try:
         await common.wait_for_stop()
     finally:
