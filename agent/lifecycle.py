@@ -3,8 +3,8 @@
 Loading the daemons allocates some hundred thousand objects that live as long as the process (modules,
 classes, the code dataclasses generate) and almost no garbage, yet each allocation burst runs the collector,
 which walks everything allocated so far: ~6 ms of a ~100 ms start. The entry points pause it before they import
-their modules; once the program serves, `resume_gc(freeze=True)` moves what start-up allocated to the
-permanent generation (no later collection walks it again) and turns the collector back on.
+their modules and turn it back on once the program serves (the few hundred cyclic objects start-up left are
+collected later as usual; a collection right then would delay the first call by ~8 ms).
 
     pause_gc()
     try:
@@ -35,13 +35,10 @@ def pause_gc() -> None:
         _paused[0] = True
 
 
-def resume_gc(*, freeze: bool = False) -> None:
-    if not _paused[0]:
-        return
-    _paused[0] = False
-    if freeze:
-        gc.freeze()
-    gc.enable()
+def resume_gc() -> None:
+    if _paused[0]:
+        _paused[0] = False
+        gc.enable()
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from agent.image.settings import ImageConfig
     from agent.kbs.client import KbsClient
     from agent.kbs.resource import ResourceUri
+    from agent.keyprovider.service import GuestKeyProvider
     from agent.measurement import MeasurementResult, RuntimeMeasurement
     from agent.tee.base import Attester
 
@@ -161,9 +162,8 @@ class DataHub:
         self._kbs = kbs
         self._skip_verification = skip_sealed_secret_verification
         self._key_dir = Path(sealed_secret_key_dir)
-        from agent.keyprovider.service import GuestKeyProvider  # the data hub's, not the attestation agent's
-
-        self.keyprovider = GuestKeyProvider(self.get_resource, cache_s=kek_cache_s)
+        self._kek_cache_s = kek_cache_s
+        self._keyprovider: GuestKeyProvider | None = None
         self._image_config = image
         self._measure = measure
         self._puller: ImagePuller | None = None
@@ -208,6 +208,15 @@ class DataHub:
             msg = "no KBS is configured: set `kbs.url` in the config or pass --kbs-url"
             raise ConfigError(msg, key="kbs.url")
         return await self._kbs.get_resource(uri)
+
+    @property
+    def keyprovider(self) -> GuestKeyProvider:
+        """The layer-key unwrapper, built (its modules loaded) at the first UnWrapKey."""
+        if self._keyprovider is None:
+            from agent.keyprovider.service import GuestKeyProvider
+
+            self._keyprovider = GuestKeyProvider(self.get_resource, cache_s=self._kek_cache_s)
+        return self._keyprovider
 
     async def unwrap_key(self, request: bytes) -> bytes:
         """ocicrypt `keyunwrap`: the layer options, after fetching the packet's KEK through attestation."""

@@ -405,7 +405,7 @@ async def run(args: argparse.Namespace) -> int:
         lambda r, w: _serve_connection(api, r, w, limiter), host.strip("[]"), int(port), limit=MAX_HEAD
     )
     log.info("rest.listening", bind=args.bind, features=args.features)
-    resume_gc(freeze=True)  # start-up is over (agent.lifecycle)
+    resume_gc()  # start-up is over (agent.lifecycle)
     try:
         await common.wait_for_stop()
     finally:
