@@ -110,9 +110,13 @@ class App:
         self._initdata_digest = self._initdata.digest if self._initdata is not None else _digest_argument(config)
         if self.serves_aa or config.data_hub.backend == "kbs":
             if self._attester is None:
+                from agent.tee.kinds import AUTO
                 from agent.tee.select import make_attester
 
-                self._attester = await asyncio.to_thread(make_attester, config)  # detection probes configfs, sysfs
+                if config.tee == AUTO:  # detection probes configfs and sysfs: in a thread
+                    self._attester = await asyncio.to_thread(make_attester, config)
+                else:  # a TEE asked for by name: its attester is built without touching the hardware
+                    self._attester = make_attester(config)
             self.kbs = self._kbs_client(self._attester)
         if self.serves_aa:
             from agent.service import AttestationAgent
@@ -121,7 +125,10 @@ class App:
             from agent.measurement import build_measurement
 
             # recovers the event log; refuses (MeasurementError) when log and registers cannot be reconciled
-            self.measurement = await asyncio.to_thread(build_measurement, config, self._attester)
+            if config.eventlog.enabled:  # opens and recovers the journal: in a thread
+                self.measurement = await asyncio.to_thread(build_measurement, config, self._attester)
+            else:
+                self.measurement = build_measurement(config, self._attester)
             self.aa = AttestationAgent(self._attester, self.kbs, ready=self._ready, measurement=self.measurement)
         if self.serves_hub:
             from agent.service import DataHub
