@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 
 # Editable installs in setuptools' compat mode: a plain path in a .pth file (this checkout and tools/ on sys.path),
 # not the default import-hook finder, which costs every Python process of the venv ~10 ms of imports at start.
+# setuptools calls compat mode transitional: should a release drop it, the default mode is used instead.
 $(STAMP): pyproject.toml tools/pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --config-settings editable_mode=compat -e '.[dev]' -e ./tools  # guest package, tools
+	$(PY) -m pip install --quiet --config-settings editable_mode=compat -e '.[dev]' -e ./tools \
+		|| $(PY) -m pip install --quiet -e '.[dev]' -e ./tools  # the guest package and the tools distribution
 	@touch $(STAMP)
 
 demo: $(STAMP)
