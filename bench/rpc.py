@@ -92,7 +92,8 @@ async def one_round(root: Path, kbs: KbsProcess, calls: int) -> dict[str, float]
     sock = root / "agent.sock"
     sock.unlink(missing_ok=True)
     command = [str(BIN / "cvm-agent"), "serve", "--tee", "sample", "--socket", str(sock), "--kbs-url", kbs.url]
-    agent = subprocess.Popen([*command, "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the default log level (info): one line per call and per KBS exchange, rendered as JSON, as a guest runs it
+    agent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     plain = PlainClient(kbs.port)
     try:
         while not sock.exists():  # noqa: ASYNC110 - a file appearing in another process
