@@ -186,6 +186,20 @@ def _given(args: argparse.Namespace, flag: str) -> bool:
     return getattr(args, names[flag], None) is not None
 
 
+def _insecure_modes(cfg: Any) -> list[str]:
+    """The insecure modes a configuration asks for, each as `serve` warns about it."""
+    warnings = []
+    if cfg.tee == "sample":
+        from agent.tee.sample import WARNING
+
+        warnings.append(f"tee = sample: {WARNING}")
+    if cfg.kbs.insecure_http:
+        from agent.config import PLAIN_HTTP_RISK
+
+        warnings.append(f"kbs.url {cfg.kbs.url}: {PLAIN_HTTP_RISK}")
+    return warnings
+
+
 def _probe(args: argparse.Namespace) -> int:
     """`cvm-agent tee --probe`: detection here, in this process; exit 0 when a TEE was found, 1 when none."""
     from agent import log
@@ -437,7 +451,10 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "check-config":
-            print(json.dumps(_load_config(args).describe(), indent=2))
+            cfg = _load_config(args)
+            print(json.dumps(cfg.describe(), indent=2))
+            for warning in _insecure_modes(cfg):  # what `serve` would warn about, on stderr: stdout stays JSON
+                print(f"cvm-agent: warning: {warning}", file=sys.stderr)
             return EXIT_OK
         if args.command in ("measure", "eventlog"):
             from agent import measure_cli

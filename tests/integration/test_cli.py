@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from cvm_tools.devkbs.server import DevKbsServer
 
+from agent.config import PLAIN_HTTP_RISK
+from agent.tee.sample import WARNING as SAMPLE_WARNING
 from tests.integration.conftest import SECRET
 from tests.integration.hw_fixtures import HwDaemon
 
@@ -195,6 +197,18 @@ def test_check_config(tmp_path: Path) -> None:
     result = cli("check-config", "--config", str(config), "--kbs-url", "https://kbs.example")
     assert result.returncode == 0
     assert json.loads(result.stdout)["kbs"]["url"] == "https://kbs.example"
+    assert result.stderr.splitlines() == [b"cvm-agent: warning: tee = sample: " + SAMPLE_WARNING.encode()]
+
+
+def test_check_config_warns_of_plain_http_on_stderr(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[kbs]\nurl = "http://127.0.0.1:1"\n')
+    result = cli("check-config", "--config", str(config))
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["kbs"]["url"] == "http://127.0.0.1:1"  # stdout is the JSON alone
+    assert result.stderr.splitlines() == [
+        b"cvm-agent: warning: kbs.url http://127.0.0.1:1: " + PLAIN_HTTP_RISK.encode()
+    ]
 
 
 def test_help_mentions_every_command() -> None:
