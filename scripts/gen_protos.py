@@ -1,5 +1,9 @@
 """Generate agent/api/_gen from protos/ with grpcio-tools and mypy-protobuf.
 
+Each `_pb2.py` protoc writes is then rewritten to build its classes with `agent.api.protobuild` instead of
+protobuf's `builder` (same descriptors and classes, without protobuf's Python descriptor machinery: see that
+module); everything else is protoc's output as it is.
+
 `--check` regenerates into a temporary folder and fails when the committed code differs (stale or hand-edited).
 """
 
@@ -7,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +44,28 @@ def generate(out_root: Path) -> Path:
     ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     (out / "__init__.py").write_text(HEADER)
+    for module in sorted(out.glob("*_pb2.py")):
+        module.write_text(light_module(module.read_text(), module.name))
     return out
+
+
+def light_module(text: str, name: str) -> str:
+    """protoc's `_pb2.py` with its descriptor-pool and builder calls replaced by one `agent.api.protobuild.build`."""
+    head, sep, _ = text.partition('"""Generated protocol buffer code."""\n')
+    check = re.search(r"^_runtime_version\.ValidateProtobufRuntimeVersion\(\n.*?^\)\n", text, re.S | re.M)
+    data = re.search(r"^DESCRIPTOR = _descriptor_pool\.Default\(\)\.AddSerializedFile\((b'.*')\)$", text, re.M)
+    module = re.search(r"^_builder\.BuildTopDescriptorsAndMessages\(DESCRIPTOR, '([\w.]+)', _globals\)$", text, re.M)
+    if not sep or check is None or data is None or module is None or "_builder.BuildServices" in text:
+        msg = f"{name}: protoc's output no longer has the shape scripts/gen_protos.py rewrites"
+        raise SystemExit(msg)
+    return (
+        f"{head}{sep}"
+        "# Classes built by agent.api.protobuild, not google.protobuf.internal.builder (scripts/gen_protos.py)\n"
+        "from google.protobuf import runtime_version as _runtime_version\n\n"
+        "from agent.api.protobuild import build as _build\n\n"
+        f"{check.group(0)}\n"
+        f"DESCRIPTOR = _build({data.group(1)}, {module.group(1)!r}, globals())\n"
+    )
 
 
 def main() -> int:

@@ -23,6 +23,8 @@ KBS_URL = "http://127.0.0.1:9"  # configured but never contacted: nothing in the
 NEVER_AT_START = (
     *("cryptography", "httpx", "httpcore", "h11"),
     *("agent.kbs.http", "agent.kbs.jwe", "agent.jws", "agent.image.pull"),
+    # protobuf's Python descriptor machinery: generated modules build through agent.api.protobuild
+    *("google.protobuf.descriptor_pool", "google.protobuf.internal.python_message", "google.protobuf.text_format"),
 )
 # at --log-level error nothing is logged: structlog never loads (agent.log); the KBS client loads at the first KBS
 # call; argparse's terminal measuring (shutil) is not used (agent.argparsing)

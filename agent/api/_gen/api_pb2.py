@@ -4,11 +4,11 @@
 # source: agent/api/_gen/api.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import descriptor_pool as _descriptor_pool
+# Classes built by agent.api.protobuild, not google.protobuf.internal.builder (scripts/gen_protos.py)
 from google.protobuf import runtime_version as _runtime_version
-from google.protobuf import symbol_database as _symbol_database
-from google.protobuf.internal import builder as _builder
+
+from agent.api.protobuild import build as _build
+
 _runtime_version.ValidateProtobufRuntimeVersion(
     _runtime_version.Domain.PUBLIC,
     7,
@@ -17,46 +17,5 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'agent/api/_gen/api.proto'
 )
-# @@protoc_insertion_point(imports)
 
-_sym_db = _symbol_database.Default()
-
-
-
-
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61gent/api/_gen/api.proto\x12\x03\x61pi\"#\n\x11UnsealSecretInput\x12\x0e\n\x06secret\x18\x01 \x01(\x0c\"\'\n\x12UnsealSecretOutput\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\"*\n\x12GetResourceRequest\x12\x14\n\x0cResourcePath\x18\x01 \x01(\t\"\'\n\x13GetResourceResponse\x12\x10\n\x08Resource\x18\x01 \x01(\x0c\"\xb4\x01\n\x12SecureMountRequest\x12\x13\n\x0bvolume_type\x18\x01 \x01(\t\x12\x35\n\x07options\x18\x02 \x03(\x0b\x32$.api.SecureMountRequest.OptionsEntry\x12\r\n\x05\x66lags\x18\x03 \x03(\t\x12\x13\n\x0bmount_point\x18\x04 \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13SecureMountResponse\":\n\x10ImagePullRequest\x12\x11\n\timage_url\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x02 \x01(\t\",\n\x11ImagePullResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t2X\n\x13SealedSecretService\x12\x41\n\x0cUnsealSecret\x12\x16.api.UnsealSecretInput\x1a\x17.api.UnsealSecretOutput\"\x00\x32X\n\x12GetResourceService\x12\x42\n\x0bGetResource\x12\x17.api.GetResourceRequest\x1a\x18.api.GetResourceResponse\"\x00\x32X\n\x12SecureMountService\x12\x42\n\x0bSecureMount\x12\x17.api.SecureMountRequest\x1a\x18.api.SecureMountResponse\"\x00\x32P\n\x10ImagePullService\x12<\n\tPullImage\x12\x15.api.ImagePullRequest\x1a\x16.api.ImagePullResponse\"\x00\x62\x06proto3')
-
-_globals = globals()
-_builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.api._gen.api_pb2', _globals)
-if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_SECUREMOUNTREQUEST_OPTIONSENTRY']._loaded_options = None
-  _globals['_SECUREMOUNTREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_UNSEALSECRETINPUT']._serialized_start=33
-  _globals['_UNSEALSECRETINPUT']._serialized_end=68
-  _globals['_UNSEALSECRETOUTPUT']._serialized_start=70
-  _globals['_UNSEALSECRETOUTPUT']._serialized_end=109
-  _globals['_GETRESOURCEREQUEST']._serialized_start=111
-  _globals['_GETRESOURCEREQUEST']._serialized_end=153
-  _globals['_GETRESOURCERESPONSE']._serialized_start=155
-  _globals['_GETRESOURCERESPONSE']._serialized_end=194
-  _globals['_SECUREMOUNTREQUEST']._serialized_start=197
-  _globals['_SECUREMOUNTREQUEST']._serialized_end=377
-  _globals['_SECUREMOUNTREQUEST_OPTIONSENTRY']._serialized_start=331
-  _globals['_SECUREMOUNTREQUEST_OPTIONSENTRY']._serialized_end=377
-  _globals['_SECUREMOUNTRESPONSE']._serialized_start=379
-  _globals['_SECUREMOUNTRESPONSE']._serialized_end=400
-  _globals['_IMAGEPULLREQUEST']._serialized_start=402
-  _globals['_IMAGEPULLREQUEST']._serialized_end=460
-  _globals['_IMAGEPULLRESPONSE']._serialized_start=462
-  _globals['_IMAGEPULLRESPONSE']._serialized_end=506
-  _globals['_SEALEDSECRETSERVICE']._serialized_start=508
-  _globals['_SEALEDSECRETSERVICE']._serialized_end=596
-  _globals['_GETRESOURCESERVICE']._serialized_start=598
-  _globals['_GETRESOURCESERVICE']._serialized_end=686
-  _globals['_SECUREMOUNTSERVICE']._serialized_start=688
-  _globals['_SECUREMOUNTSERVICE']._serialized_end=776
-  _globals['_IMAGEPULLSERVICE']._serialized_start=778
-  _globals['_IMAGEPULLSERVICE']._serialized_end=858
-# @@protoc_insertion_point(module_scope)
+DESCRIPTOR = _build(b'\n\x18\x61gent/api/_gen/api.proto\x12\x03\x61pi\"#\n\x11UnsealSecretInput\x12\x0e\n\x06secret\x18\x01 \x01(\x0c\"\'\n\x12UnsealSecretOutput\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\"*\n\x12GetResourceRequest\x12\x14\n\x0cResourcePath\x18\x01 \x01(\t\"\'\n\x13GetResourceResponse\x12\x10\n\x08Resource\x18\x01 \x01(\x0c\"\xb4\x01\n\x12SecureMountRequest\x12\x13\n\x0bvolume_type\x18\x01 \x01(\t\x12\x35\n\x07options\x18\x02 \x03(\x0b\x32$.api.SecureMountRequest.OptionsEntry\x12\r\n\x05\x66lags\x18\x03 \x03(\t\x12\x13\n\x0bmount_point\x18\x04 \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x15\n\x13SecureMountResponse\":\n\x10ImagePullRequest\x12\x11\n\timage_url\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x02 \x01(\t\",\n\x11ImagePullResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t2X\n\x13SealedSecretService\x12\x41\n\x0cUnsealSecret\x12\x16.api.UnsealSecretInput\x1a\x17.api.UnsealSecretOutput\"\x00\x32X\n\x12GetResourceService\x12\x42\n\x0bGetResource\x12\x17.api.GetResourceRequest\x1a\x18.api.GetResourceResponse\"\x00\x32X\n\x12SecureMountService\x12\x42\n\x0bSecureMount\x12\x17.api.SecureMountRequest\x1a\x18.api.SecureMountResponse\"\x00\x32P\n\x10ImagePullService\x12<\n\tPullImage\x12\x15.api.ImagePullRequest\x1a\x16.api.ImagePullResponse\"\x00\x62\x06proto3', 'agent.api._gen.api_pb2', globals())

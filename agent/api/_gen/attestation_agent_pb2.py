@@ -4,11 +4,11 @@
 # source: agent/api/_gen/attestation_agent.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import descriptor_pool as _descriptor_pool
+# Classes built by agent.api.protobuild, not google.protobuf.internal.builder (scripts/gen_protos.py)
 from google.protobuf import runtime_version as _runtime_version
-from google.protobuf import symbol_database as _symbol_database
-from google.protobuf.internal import builder as _builder
+
+from agent.api.protobuild import build as _build
+
 _runtime_version.ValidateProtobufRuntimeVersion(
     _runtime_version.Domain.PUBLIC,
     7,
@@ -17,48 +17,5 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'agent/api/_gen/attestation_agent.proto'
 )
-# @@protoc_insertion_point(imports)
 
-_sym_db = _symbol_database.Default()
-
-
-
-
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agent/api/_gen/attestation_agent.proto\x12\x11\x61ttestation_agent\")\n\x12GetEvidenceRequest\x12\x13\n\x0bRuntimeData\x18\x01 \x01(\x0c\"3\n\x1cGetAdditionalEvidenceRequest\x12\x13\n\x0bRuntimeData\x18\x01 \x01(\x0c\"\'\n\x13GetEvidenceResponse\x12\x10\n\x08\x45vidence\x18\x01 \x01(\x0c\"$\n\x0fGetTokenRequest\x12\x11\n\tTokenType\x18\x01 \x01(\t\"!\n\x10GetTokenResponse\x12\r\n\x05Token\x18\x01 \x01(\x0c\"\x83\x01\n\x1f\x45xtendRuntimeMeasurementRequest\x12\x0e\n\x06\x44omain\x18\x01 \x01(\t\x12\x11\n\tOperation\x18\x02 \x01(\t\x12\x0f\n\x07\x43ontent\x18\x03 \x01(\t\x12\x1a\n\rRegisterIndex\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_RegisterIndex\"_\n ExtendRuntimeMeasurementResponse\x12;\n\x06Result\x18\x01 \x01(\x0e\x32+.attestation_agent.RuntimeMeasurementResult\"%\n\x13\x42indInitDataRequest\x12\x0e\n\x06\x44igest\x18\x01 \x01(\x0c\"\x16\n\x14\x42indInitDataResponse\"\x13\n\x11GetTeeTypeRequest\"!\n\x12GetTeeTypeResponse\x12\x0b\n\x03tee\x18\x01 \x01(\t\"\x1a\n\x18GetAdditionalTeesRequest\"4\n\x19GetAdditionalTeesResponse\x12\x17\n\x0f\x61\x64\x64itional_tees\x18\x01 \x03(\t*F\n\x18RuntimeMeasurementResult\x12\x06\n\x02OK\x10\x00\x12\x11\n\rNOT_SUPPORTED\x10\x01\x12\x0f\n\x0bNOT_ENABLED\x10\x02\x32\xfe\x05\n\x17\x41ttestationAgentService\x12^\n\x0bGetEvidence\x12%.attestation_agent.GetEvidenceRequest\x1a&.attestation_agent.GetEvidenceResponse\"\x00\x12r\n\x15GetAdditionalEvidence\x12/.attestation_agent.GetAdditionalEvidenceRequest\x1a&.attestation_agent.GetEvidenceResponse\"\x00\x12U\n\x08GetToken\x12\".attestation_agent.GetTokenRequest\x1a#.attestation_agent.GetTokenResponse\"\x00\x12\x85\x01\n\x18\x45xtendRuntimeMeasurement\x12\x32.attestation_agent.ExtendRuntimeMeasurementRequest\x1a\x33.attestation_agent.ExtendRuntimeMeasurementResponse\"\x00\x12\x61\n\x0c\x42indInitData\x12&.attestation_agent.BindInitDataRequest\x1a\'.attestation_agent.BindInitDataResponse\"\x00\x12[\n\nGetTeeType\x12$.attestation_agent.GetTeeTypeRequest\x1a%.attestation_agent.GetTeeTypeResponse\"\x00\x12p\n\x11GetAdditionalTees\x12+.attestation_agent.GetAdditionalTeesRequest\x1a,.attestation_agent.GetAdditionalTeesResponse\"\x00\x62\x06proto3')
-
-_globals = globals()
-_builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.api._gen.attestation_agent_pb2', _globals)
-if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_RUNTIMEMEASUREMENTRESULT']._serialized_start=703
-  _globals['_RUNTIMEMEASUREMENTRESULT']._serialized_end=773
-  _globals['_GETEVIDENCEREQUEST']._serialized_start=61
-  _globals['_GETEVIDENCEREQUEST']._serialized_end=102
-  _globals['_GETADDITIONALEVIDENCEREQUEST']._serialized_start=104
-  _globals['_GETADDITIONALEVIDENCEREQUEST']._serialized_end=155
-  _globals['_GETEVIDENCERESPONSE']._serialized_start=157
-  _globals['_GETEVIDENCERESPONSE']._serialized_end=196
-  _globals['_GETTOKENREQUEST']._serialized_start=198
-  _globals['_GETTOKENREQUEST']._serialized_end=234
-  _globals['_GETTOKENRESPONSE']._serialized_start=236
-  _globals['_GETTOKENRESPONSE']._serialized_end=269
-  _globals['_EXTENDRUNTIMEMEASUREMENTREQUEST']._serialized_start=272
-  _globals['_EXTENDRUNTIMEMEASUREMENTREQUEST']._serialized_end=403
-  _globals['_EXTENDRUNTIMEMEASUREMENTRESPONSE']._serialized_start=405
-  _globals['_EXTENDRUNTIMEMEASUREMENTRESPONSE']._serialized_end=500
-  _globals['_BINDINITDATAREQUEST']._serialized_start=502
-  _globals['_BINDINITDATAREQUEST']._serialized_end=539
-  _globals['_BINDINITDATARESPONSE']._serialized_start=541
-  _globals['_BINDINITDATARESPONSE']._serialized_end=563
-  _globals['_GETTEETYPEREQUEST']._serialized_start=565
-  _globals['_GETTEETYPEREQUEST']._serialized_end=584
-  _globals['_GETTEETYPERESPONSE']._serialized_start=586
-  _globals['_GETTEETYPERESPONSE']._serialized_end=619
-  _globals['_GETADDITIONALTEESREQUEST']._serialized_start=621
-  _globals['_GETADDITIONALTEESREQUEST']._serialized_end=647
-  _globals['_GETADDITIONALTEESRESPONSE']._serialized_start=649
-  _globals['_GETADDITIONALTEESRESPONSE']._serialized_end=701
-  _globals['_ATTESTATIONAGENTSERVICE']._serialized_start=776
-  _globals['_ATTESTATIONAGENTSERVICE']._serialized_end=1542
-# @@protoc_insertion_point(module_scope)
+DESCRIPTOR = _build(b'\n&agent/api/_gen/attestation_agent.proto\x12\x11\x61ttestation_agent\")\n\x12GetEvidenceRequest\x12\x13\n\x0bRuntimeData\x18\x01 \x01(\x0c\"3\n\x1cGetAdditionalEvidenceRequest\x12\x13\n\x0bRuntimeData\x18\x01 \x01(\x0c\"\'\n\x13GetEvidenceResponse\x12\x10\n\x08\x45vidence\x18\x01 \x01(\x0c\"$\n\x0fGetTokenRequest\x12\x11\n\tTokenType\x18\x01 \x01(\t\"!\n\x10GetTokenResponse\x12\r\n\x05Token\x18\x01 \x01(\x0c\"\x83\x01\n\x1f\x45xtendRuntimeMeasurementRequest\x12\x0e\n\x06\x44omain\x18\x01 \x01(\t\x12\x11\n\tOperation\x18\x02 \x01(\t\x12\x0f\n\x07\x43ontent\x18\x03 \x01(\t\x12\x1a\n\rRegisterIndex\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_RegisterIndex\"_\n ExtendRuntimeMeasurementResponse\x12;\n\x06Result\x18\x01 \x01(\x0e\x32+.attestation_agent.RuntimeMeasurementResult\"%\n\x13\x42indInitDataRequest\x12\x0e\n\x06\x44igest\x18\x01 \x01(\x0c\"\x16\n\x14\x42indInitDataResponse\"\x13\n\x11GetTeeTypeRequest\"!\n\x12GetTeeTypeResponse\x12\x0b\n\x03tee\x18\x01 \x01(\t\"\x1a\n\x18GetAdditionalTeesRequest\"4\n\x19GetAdditionalTeesResponse\x12\x17\n\x0f\x61\x64\x64itional_tees\x18\x01 \x03(\t*F\n\x18RuntimeMeasurementResult\x12\x06\n\x02OK\x10\x00\x12\x11\n\rNOT_SUPPORTED\x10\x01\x12\x0f\n\x0bNOT_ENABLED\x10\x02\x32\xfe\x05\n\x17\x41ttestationAgentService\x12^\n\x0bGetEvidence\x12%.attestation_agent.GetEvidenceRequest\x1a&.attestation_agent.GetEvidenceResponse\"\x00\x12r\n\x15GetAdditionalEvidence\x12/.attestation_agent.GetAdditionalEvidenceRequest\x1a&.attestation_agent.GetEvidenceResponse\"\x00\x12U\n\x08GetToken\x12\".attestation_agent.GetTokenRequest\x1a#.attestation_agent.GetTokenResponse\"\x00\x12\x85\x01\n\x18\x45xtendRuntimeMeasurement\x12\x32.attestation_agent.ExtendRuntimeMeasurementRequest\x1a\x33.attestation_agent.ExtendRuntimeMeasurementResponse\"\x00\x12\x61\n\x0c\x42indInitData\x12&.attestation_agent.BindInitDataRequest\x1a\'.attestation_agent.BindInitDataResponse\"\x00\x12[\n\nGetTeeType\x12$.attestation_agent.GetTeeTypeRequest\x1a%.attestation_agent.GetTeeTypeResponse\"\x00\x12p\n\x11GetAdditionalTees\x12+.attestation_agent.GetAdditionalTeesRequest\x1a,.attestation_agent.GetAdditionalTeesResponse\"\x00\x62\x06proto3', 'agent.api._gen.attestation_agent_pb2', globals())

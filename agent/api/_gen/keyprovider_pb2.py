@@ -4,11 +4,11 @@
 # source: agent/api/_gen/keyprovider.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import descriptor_pool as _descriptor_pool
+# Classes built by agent.api.protobuild, not google.protobuf.internal.builder (scripts/gen_protos.py)
 from google.protobuf import runtime_version as _runtime_version
-from google.protobuf import symbol_database as _symbol_database
-from google.protobuf.internal import builder as _builder
+
+from agent.api.protobuild import build as _build
+
 _runtime_version.ValidateProtobufRuntimeVersion(
     _runtime_version.Domain.PUBLIC,
     7,
@@ -17,24 +17,5 @@ _runtime_version.ValidateProtobufRuntimeVersion(
     '',
     'agent/api/_gen/keyprovider.proto'
 )
-# @@protoc_insertion_point(imports)
 
-_sym_db = _symbol_database.Default()
-
-
-
-
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n agent/api/_gen/keyprovider.proto\x12\x0bkeyprovider\"J\n\x1fKeyProviderKeyWrapProtocolInput\x12\'\n\x1fKeyProviderKeyWrapProtocolInput\x18\x01 \x01(\x0c\"L\n KeyProviderKeyWrapProtocolOutput\x12(\n KeyProviderKeyWrapProtocolOutput\x18\x01 \x01(\x0c\x32\xea\x01\n\x12KeyProviderService\x12h\n\x07WrapKey\x12,.keyprovider.KeyProviderKeyWrapProtocolInput\x1a-.keyprovider.KeyProviderKeyWrapProtocolOutput\"\x00\x12j\n\tUnWrapKey\x12,.keyprovider.KeyProviderKeyWrapProtocolInput\x1a-.keyprovider.KeyProviderKeyWrapProtocolOutput\"\x00\x62\x06proto3')
-
-_globals = globals()
-_builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.api._gen.keyprovider_pb2', _globals)
-if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_KEYPROVIDERKEYWRAPPROTOCOLINPUT']._serialized_start=49
-  _globals['_KEYPROVIDERKEYWRAPPROTOCOLINPUT']._serialized_end=123
-  _globals['_KEYPROVIDERKEYWRAPPROTOCOLOUTPUT']._serialized_start=125
-  _globals['_KEYPROVIDERKEYWRAPPROTOCOLOUTPUT']._serialized_end=201
-  _globals['_KEYPROVIDERSERVICE']._serialized_start=204
-  _globals['_KEYPROVIDERSERVICE']._serialized_end=438
-# @@protoc_insertion_point(module_scope)
+DESCRIPTOR = _build(b'\n agent/api/_gen/keyprovider.proto\x12\x0bkeyprovider\"J\n\x1fKeyProviderKeyWrapProtocolInput\x12\'\n\x1fKeyProviderKeyWrapProtocolInput\x18\x01 \x01(\x0c\"L\n KeyProviderKeyWrapProtocolOutput\x12(\n KeyProviderKeyWrapProtocolOutput\x18\x01 \x01(\x0c\x32\xea\x01\n\x12KeyProviderService\x12h\n\x07WrapKey\x12,.keyprovider.KeyProviderKeyWrapProtocolInput\x1a-.keyprovider.KeyProviderKeyWrapProtocolOutput\"\x00\x12j\n\tUnWrapKey\x12,.keyprovider.KeyProviderKeyWrapProtocolInput\x1a-.keyprovider.KeyProviderKeyWrapProtocolOutput\"\x00\x62\x06proto3', 'agent.api._gen.keyprovider_pb2', globals())
