@@ -181,8 +181,8 @@ class _Connection:
     def close(self) -> None:
         self._writer.close()
 
-    async def exchange(self, request: bytes, max_bytes: int) -> tuple[HttpResponse, bool]:
-        """Send `request` (already framed) and read the answer. Also returns whether any answer byte arrived."""
+    async def exchange(self, request: bytes, max_bytes: int) -> HttpResponse:
+        """Send `request` (already framed) and read the whole answer; a failure says whether any of it arrived."""
         try:
             self._writer.write(request)
             await self._writer.drain()
@@ -227,7 +227,7 @@ class _Connection:
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
             self._h11.start_next_cycle()
         headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
-        return HttpResponse(response.status_code, headers, b"".join(chunks)), received
+        return HttpResponse(response.status_code, headers, b"".join(chunks))
 
     def frame(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None) -> bytes:
         try:
@@ -305,7 +305,7 @@ class Pool:
     ) -> HttpResponse:
         done = False
         try:
-            response, _ = await connection.exchange(connection.frame(method, target, fields, body), max_bytes)
+            response = await connection.exchange(connection.frame(method, target, fields, body), max_bytes)
             done = True
             return response
         finally:  # also on cancellation: a half-read connection is never reused
