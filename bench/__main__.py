@@ -14,7 +14,7 @@ from bench import common, fleet, pull, rpc, startup
 
 parser = argparse.ArgumentParser(prog="python -m bench")
 parser.add_argument("--quick", action="store_true", help="fewer rounds and a 15 s fleet")
-parser.add_argument("--pull-mib", type=int, default=32, help="unpacked size of the pulled image (default 32)")
+parser.add_argument("--pull-mib", type=int, default=128, help="unpacked size of the pulled image (default 128)")
 args = parser.parse_args()
 began = time.monotonic()
 rows: list[common.Row] = []
