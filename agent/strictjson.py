@@ -16,6 +16,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Callable
 
 from agent.errors import InvalidRequest
 
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 MAX_DEPTH = 64  # serde_json's default recursion limit is 128; no legitimate document here nests past a handful
-ErrorType = type[Exception]  # an AgentError, or ValueError for callers that hide the reason
+ErrorType = Callable[[str], Exception]  # an error class (AgentError, or ValueError to hide the reason), or a partial
 
 _B64_STD = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")

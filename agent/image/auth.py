@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,13 +77,8 @@ class AuthConfig:
 
 def parse_auth_json(raw: bytes) -> AuthConfig:
     """Parse and validate an auth.json document; the message never contains a credential."""
-    if len(raw) > MAX_AUTH_BYTES:
-        msg = f"registry credentials are {len(raw)} bytes, expected at most {MAX_AUTH_BYTES}"
-        raise ConfigError(msg, key="authenticated_registry_credentials_uri")
-    try:
-        doc = load_json_object(raw, "registry credentials (auth.json)")
-    except InvalidRequest as exc:
-        raise ConfigError(str(exc), key="authenticated_registry_credentials_uri") from None
+    error = functools.partial(ConfigError, key="authenticated_registry_credentials_uri")
+    doc = load_json_object(raw, "registry credentials (auth.json)", error=error, max_bytes=MAX_AUTH_BYTES)
     auths = doc.get("auths")
     if not isinstance(auths, dict):
         msg = f"auth.json `auths` is {json_type(auths)}, expected an object"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -133,13 +134,8 @@ def _requirements(value: object, where: str) -> tuple[Requirement, ...]:
 
 def parse_policy(raw: bytes) -> Policy:
     """Parse policy.json. Raises `ConfigError` (the reference's `InvalidPolicyFile`) on any fault."""
-    if len(raw) > MAX_POLICY_BYTES:
-        msg = f"image security policy is {len(raw)} bytes, expected at most {MAX_POLICY_BYTES}"
-        raise ConfigError(msg, key="image_security_policy")
-    try:
-        doc = load_json_object(raw, "image security policy")
-    except InvalidRequest as exc:
-        raise ConfigError(str(exc), key="image_security_policy") from None
+    error = functools.partial(ConfigError, key="image_security_policy")
+    doc = load_json_object(raw, "image security policy", error=error, max_bytes=MAX_POLICY_BYTES)
     if "default" not in doc or "transports" not in doc:
         msg = "image security policy needs both `default` and `transports`"
         raise ConfigError(msg, key="image_security_policy")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -226,3 +227,24 @@ class TestCosign:
 
     def test_signature_tag(self) -> None:
         assert cosign_signature_tag(DIGEST) == "sha256-" + "d" * 64 + ".sig"
+
+
+@pytest.mark.parametrize(
+    ("parse", "what", "key"),
+    [
+        (parse_auth_json, "registry credentials (auth.json)", "authenticated_registry_credentials_uri"),
+        (parse_policy, "image security policy", "image_security_policy"),
+    ],
+)
+def test_oversized_or_malformed_documents_are_config_errors(
+    parse: Callable[[bytes], object], what: str, key: str
+) -> None:
+    big = b'{"x": "' + b"a" * (1024 * 1024) + b'"}'
+    with pytest.raises(ConfigError) as info:
+        parse(big)
+    assert str(info.value) == f"{what} is {len(big)} bytes, expected at most {1024 * 1024}"
+    assert info.value.key == key
+    with pytest.raises(ConfigError) as info:
+        parse(b'{"auths": {}, "auths": {}}')
+    assert str(info.value) == f"{what} has the key 'auths' more than once."
+    assert info.value.key == key
