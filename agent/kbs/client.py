@@ -263,6 +263,18 @@ class CredentialCache:
         self._retry_at = 0.0
         self._shared: SharedValue[AttestedSession] = SharedValue(self._fetch, self._usable)
 
+    @classmethod
+    def for_kbs(cls, attest: Attest, config: KbsConfig, kbs: str, clock: Callable[[], float] | None) -> CredentialCache:
+        """The cache a KBS client keeps: margin and deadline from `config`; `clock` (tests) replaces both clocks."""
+        return cls(
+            attest,
+            kbs=kbs,
+            margin_s=config.token_refresh_margin_s,
+            deadline_s=2 * config.timeout_s,
+            clock=clock or time.monotonic,
+            wall_clock=clock or time.time,
+        )
+
     @property
     def fetches(self) -> int:
         return self._shared.refreshes
@@ -380,14 +392,7 @@ class KbsClient:
         self._attester = attester
         self._init_data = init_data_toml
         self.http = KbsHttp(config, transport=transport, sleep=sleep)
-        self._credentials = CredentialCache(
-            self._handshake,
-            kbs=self.http.url,
-            margin_s=config.token_refresh_margin_s,
-            deadline_s=2 * config.timeout_s,
-            clock=clock or time.monotonic,
-            wall_clock=clock or time.time,
-        )
+        self._credentials = CredentialCache.for_kbs(self._handshake, config, self.http.url, clock)
 
     async def __aenter__(self) -> KbsClient:
         return self

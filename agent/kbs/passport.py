@@ -10,7 +10,6 @@ key other than the pair's is refused.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,14 +68,7 @@ class PassportClient:
         """`clock` (tests) replaces both the monotonic and the wall clock."""
         self.http = KbsHttp(config, transport=transport)
         self._token_source = token_source
-        self._credentials = CredentialCache(
-            self._attest,
-            kbs=self.http.url,
-            margin_s=config.token_refresh_margin_s,
-            deadline_s=2 * config.timeout_s,
-            clock=clock or time.monotonic,
-            wall_clock=clock or time.time,
-        )
+        self._credentials = CredentialCache.for_kbs(self._attest, config, self.http.url, clock)
 
     async def aclose(self) -> None:
         self._credentials.close()
