@@ -279,7 +279,10 @@ class App:
         from agent.kbs.client import preload
 
         await asyncio.sleep(PRELOAD_DELAY_S)
-        await asyncio.to_thread(preload)
+        try:
+            await asyncio.to_thread(preload)
+        except Exception as exc:  # an optimisation: the first KBS call does the same work, and reports its failure
+            log.warning("kbs.preload.failed", error=type(exc).__name__)
 
     async def _download_credentials(self, credentials: Sequence[CredentialFile]) -> None:
         assert self.hub is not None
