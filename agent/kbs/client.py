@@ -53,7 +53,8 @@ __all__ = [
 
 log = get_logger("agent.kbs")
 
-_USER_AGENT = f"cvm-agent/{__version__}"
+# on every request; bodies are read raw: a Content-Encoding in the answer is refused (`_check_encoding`)
+_HEADERS = {"User-Agent": f"cvm-agent/{__version__}", "Accept-Encoding": "identity"}
 _REFRESH_FRACTION = (0.75, 0.80)  # of the token lifetime, with jitter
 _EXPIRY_GUARD = 0.1  # of the lifetime, at most `token_refresh_margin_s`: stop serving a token this close to exp
 _MAX_BACKOFF_S = 60.0
@@ -118,16 +119,7 @@ class KbsHttp:
                 raise ConfigError(msg, key="kbs.url") from None
             config = self._config
             context = build_ssl_context(config.cert_path, config.cert_pem) if origin.tls else None
-            # pooled connections live shorter than the KBS's ~5 s keep-alive (kbs-protocol.md §9), and few: a burst
-            # of callers queues for a connection instead of opening one each
-            self._transport = Pool(
-                origin,
-                ssl_context=context,
-                headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-                max_connections=16,
-                max_idle=8,
-                keepalive_s=4.0,
-            )
+            self._transport = Pool(origin, ssl_context=context)  # its limits: agent.kbs.http.Pool
         return self._transport
 
     async def aclose(self) -> None:
@@ -155,7 +147,8 @@ class KbsHttp:
         for attempt in range(1, self._attempts + 1):
             started = time.monotonic()
             try:
-                response = await pool.send(method, path, request.headers or {}, request.body, max_bytes=self._max_bytes)
+                headers = {**_HEADERS, **(request.headers or {})}
+                response = await pool.send(method, path, headers, request.body, max_bytes=self._max_bytes)
             except ResponseTooLarge:
                 msg = f"KBS at {self.url}: the response to {method} {path} exceeds {self._max_bytes} bytes"
                 raise KbsTransportError(msg) from None

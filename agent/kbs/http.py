@@ -5,8 +5,9 @@ client for exactly that: one origin, no redirects, no proxies from the environme
 sent explicitly), no compression, bodies bounded while they are read. Parsing and framing are h11's (the sans-I/O
 HTTP/1.1 implementation under httpx); this module only moves bytes, pools connections and maps failures.
 
-Pooling: at most `max_connections` at once (a burst of callers queues for one), at most `max_idle` kept, each
-reused only within `keepalive_s` of its last answer (shorter than the KBS's own keep-alive) and only if the peer
+Pooling: at most `max_connections` at once (16: a burst of callers queues for one instead of opening one each), at
+most `max_idle` kept (8), each reused only within `keepalive_s` of its last answer (4 s: shorter than the KBS's own
+~5 s keep-alive, kbs-protocol.md §9) and only if the peer
 has not closed it meanwhile. A reused connection that fails before the first byte of its answer (the KBS closed it
 as the request went out) is retried once on a new connection; any other failure is the caller's to retry.
 
@@ -253,7 +254,6 @@ class Pool:
         origin: Origin,
         *,
         ssl_context: ssl.SSLContext | None = None,
-        headers: Mapping[str, str] | None = None,
         max_connections: int = 16,
         max_idle: int = 8,
         keepalive_s: float = 4.0,
@@ -265,7 +265,7 @@ class Pool:
             raise ValueError(msg)
         self.origin = origin
         self._ssl = ssl_context if origin.tls else None
-        self._fixed = [("Host", origin.host_header), *(headers or {}).items()]
+        self._host = ("Host", origin.host_header)
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._max_idle = max_idle
@@ -273,12 +273,11 @@ class Pool:
         self._max_header_bytes = max_header_bytes
         self._clock = clock
         self._closed = False
-        self.connections_opened = 0
 
     async def send(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes | None, *, max_bytes: int
     ) -> HttpResponse:
-        fields = [*self._fixed, *headers.items()]
+        fields = [self._host, *headers.items()]
         if body is not None or method == "POST":
             fields.append(("Content-Length", str(len(body or b""))))
         target = self.origin.prefix + path
@@ -341,7 +340,6 @@ class Pool:
             raise ConnectError(_describe(exc), retryable=False) from None
         except (OSError, ssl.SSLError) as exc:
             raise ConnectError(_describe(exc)) from None
-        self.connections_opened += 1
         return _Connection(reader, writer, self._max_header_bytes)
 
     async def aclose(self) -> None:

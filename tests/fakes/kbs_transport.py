@@ -20,15 +20,13 @@ ORIGIN = "http://kbs.test"
 
 
 class MockTransport:
-    def __init__(self, handler: Handler, *, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(self, handler: Handler) -> None:
         self._handler = handler
-        self._fixed = {"User-Agent": "cvm-agent/test", "Accept-Encoding": "identity", **(headers or {})}
-        self.closed = False
 
     async def send(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes | None, *, max_bytes: int
     ) -> HttpResponse:
-        request = httpx.Request(method, ORIGIN + path, headers={**self._fixed, **headers}, content=body)
+        request = httpx.Request(method, ORIGIN + path, headers=dict(headers), content=body)
         answer = self._handler(request)
         response = await answer if inspect.isawaitable(answer) else answer
         chunks: list[bytes] = []
@@ -44,7 +42,7 @@ class MockTransport:
         return HttpResponse(response.status_code, fields, b"".join(chunks))
 
     async def aclose(self) -> None:
-        self.closed = True
+        return None
 
 
 async def _whole(content: bytes) -> AsyncIterator[bytes]:

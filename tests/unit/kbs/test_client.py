@@ -187,6 +187,7 @@ async def test_identity_encoding_requested_and_compressed_answer_refused() -> No
             "KBS at https://kbs.test answered POST /kbs/v0/auth with Content-Encoding 'gzip', expected identity"
         )
         assert kbs.seen[0].headers["accept-encoding"] == "identity"
+        assert kbs.seen[0].headers["user-agent"].startswith("cvm-agent/")
         assert await client.get_resource(URI) == SECRET_VALUE  # the next call recovers
 
 

@@ -116,7 +116,7 @@ async def serving(script: Script, *, tls: ssl.SSLContext | None = None) -> Async
 
 def pool_for(server: Server, **options: object) -> Pool:
     origin = Origin("http", "127.0.0.1", server.port, "")
-    return Pool(origin, headers={"User-Agent": "cvm-agent/test", "Accept-Encoding": "identity"}, **options)  # type: ignore[arg-type]
+    return Pool(origin, **options)  # type: ignore[arg-type]
 
 
 async def get(pool: Pool, path: str = "/kbs/v0/resource/a/b/c", *, max_bytes: int = 1 << 20) -> HttpResponse:
@@ -128,13 +128,13 @@ async def get(pool: Pool, path: str = "/kbs/v0/resource/a/b/c", *, max_bytes: in
 
 async def test_post_and_get_bytes_on_the_wire() -> None:
     async with serving(answering(OK, OK)) as server:
-        pool = Pool(
-            Origin("http", "127.0.0.1", server.port, "/prefix"),
-            headers={"User-Agent": "cvm-agent/0.1.0", "Accept-Encoding": "identity"},
-        )
+        pool = Pool(Origin("http", "127.0.0.1", server.port, "/prefix"))
         body = b'{"version":"0.4.0","tee":"sample","extra-params":""}'
-        await pool.send("POST", "/kbs/v0/auth", {"Content-Type": "application/json"}, body, max_bytes=100)
-        await pool.send("GET", "/kbs/v0/resource/default/key/1", {"Cookie": "kbs-session-id=ab"}, None, max_bytes=100)
+        fixed = {"User-Agent": "cvm-agent/0.1.0", "Accept-Encoding": "identity"}
+        post = {**fixed, "Content-Type": "application/json"}
+        await pool.send("POST", "/kbs/v0/auth", post, body, max_bytes=100)
+        get_ = {**fixed, "Cookie": "kbs-session-id=ab"}
+        await pool.send("GET", "/kbs/v0/resource/default/key/1", get_, None, max_bytes=100)
         await pool.aclose()
     host = f"127.0.0.1:{server.port}".encode()
     assert bytes(server.received) == (
