@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from agent.errors import InvalidRequest
-from agent.strictjson import b64url_decode, load_json_object
+from agent.strictjson import split_compact
 
 __all__ = ["PrivateKey", "PublicKey", "algorithm", "decode_compact", "split_compact", "verify"]
 
@@ -53,25 +53,6 @@ def verify(key: PublicKey, alg: object, signing_input: bytes, signature: bytes) 
     except (InvalidSignature, TypeError, ValueError):
         return False
     return True
-
-
-def split_compact(
-    token: str, what: str, *, error: type[Exception] = InvalidRequest
-) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
-    """`(header, claims, signing_input, signature)` of a compact JWS with JSON-object parts; `error` if malformed.
-
-    Parts are canonical unpadded base64url and strict, depth-limited JSON (`agent.strictjson`). Nothing is
-    verified here: pass the parts to `verify`.
-    """
-    parts = token.split(".")
-    if len(parts) != 3:
-        msg = f"{what} has {len(parts)} dot-separated parts, expected 3."
-        raise error(msg)
-    head, body, sig = parts
-    header = load_json_object(b64url_decode(head, f"{what} header", error=error), f"{what} header", error=error)
-    claims = load_json_object(b64url_decode(body, f"{what} claims", error=error), f"{what} claims", error=error)
-    signature = b64url_decode(sig, f"{what} signature", error=error)
-    return header, claims, f"{head}.{body}".encode("ascii"), signature
 
 
 def decode_compact(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes] | None:

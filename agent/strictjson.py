@@ -17,6 +17,7 @@ import json
 import math
 import re
 from collections.abc import Callable
+from typing import Any
 
 from agent.errors import InvalidRequest
 
@@ -31,6 +32,7 @@ __all__ = [
     "load_json",
     "load_json_object",
     "shown",
+    "split_compact",
 ]
 
 MAX_DEPTH = 64  # serde_json's default recursion limit is 128; no legitimate document here nests past a handful
@@ -228,3 +230,22 @@ def b64url_decode(text: object, what: str, *, error: ErrorType = InvalidRequest,
 
 def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def split_compact(
+    token: str, what: str, *, error: ErrorType = InvalidRequest
+) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """`(header, claims, signing_input, signature)` of a compact JWS with JSON-object parts; `error` if malformed.
+
+    Parts are canonical unpadded base64url and strict, depth-limited JSON. Nothing is
+    verified here (`agent.jws.verify` does; this module loads no crypto library, so a KBS token is read without one).
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        msg = f"{what} has {len(parts)} dot-separated parts, expected 3."
+        raise error(msg)
+    head, body, sig = parts
+    header = load_json_object(b64url_decode(head, f"{what} header", error=error), f"{what} header", error=error)
+    claims = load_json_object(b64url_decode(body, f"{what} claims", error=error), f"{what} claims", error=error)
+    signature = b64url_decode(sig, f"{what} signature", error=error)
+    return header, claims, f"{head}.{body}".encode("ascii"), signature

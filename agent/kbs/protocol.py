@@ -23,7 +23,7 @@ from agent.errors import (
     ResourceNotFound,
 )
 from agent.kbs.jcs import canonicalize
-from agent.strictjson import dump_json, load_json, load_json_object
+from agent.strictjson import dump_json, load_json, load_json_object, split_compact
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -173,8 +173,6 @@ def _number(value: object) -> float | None:
 
 def parse_token(raw: str) -> Token:
     """Decode a compact JWT's claims (no signature check; the agent reads `iat`/`exp`/`nbf` and `tee-pubkey`)."""
-    from agent.jws import split_compact  # agent.jws loads cryptography: only once a token arrives
-
     return Token(raw=raw, claims=split_compact(raw, "KBS token", error=KbsProtocolError)[1])
 
 
