@@ -34,7 +34,7 @@ from agent.kbs.resource import ResourceUri
 from agent.log import get_logger
 from agent.shared import SharedValue
 
-if TYPE_CHECKING:  # h11 (agent.kbs.http) and cryptography (agent.kbs.jwe) load at the first KBS exchange
+if TYPE_CHECKING:  # h11 (agent.kbs.http) and the JWE crypto (agent.kbs.jwe) load at the first KBS exchange
     import ssl
 
     from agent.kbs.http import HttpResponse, Transport
@@ -184,10 +184,10 @@ def _check_encoding(url: str, method: str, path: str, response: HttpResponse) ->
 
 
 def preload() -> None:
-    """Import what the first handshake and fetch need (the HTTP client, the TEE key and JWE cryptography) and run
-    their first use once. Blocking: `App` runs it in a thread once the process serves, so the first GetResource does
-    not pay for it; without it the same work happens on that call."""
-    import agent.jws
+    """Import what the first handshake and fetch need (the HTTP client, the TEE key and JWE crypto: the platform
+    libcrypto's, or pyca/cryptography where that is not OpenSSL 3) and run their first use once. Blocking: `App`
+    runs it in a thread once the process serves, so the first GetResource does not pay for it; without it the same
+    work happens on that call."""
     import agent.kbs.http  # noqa: F401
     from agent.kbs import jwe
 

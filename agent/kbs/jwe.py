@@ -5,27 +5,29 @@ with `enc = A256GCM` and one of `ECDH-ES+A256KW` (P-256, P-521) or `RSA-OAEP-256
 `protected` member exactly as sent.
 
 `decrypt()` allow-lists the algorithm that matches the key, checks the header, and turns every failure into one
-opaque `DecryptionError`. `encrypt()` exists for the development KBS and for tests.
+opaque `DecryptionError`. `encrypt()` exists for the development KBS, the self-test and tests.
+
+Two crypto backends, one behaviour (docs/decisions.md, 22): the default P-256 key and the symmetric steps (AES key
+unwrap, AES-GCM) use the platform libcrypto (`agent.libcrypto`) where it is OpenSSL 3; P-521, RSA, keys loaded from
+PEM, and any platform without it use pyca/cryptography, imported on first use only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
-from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
-
+from agent import libcrypto
 from agent.errors import DecryptionError
 from agent.kbs.keyalg import ECDH_ES_A256KW, RSA_OAEP_256, KeyAlgorithm
 from agent.strictjson import b64url_decode, b64url_encode, load_json_object
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 __all__ = ["KeyAlgorithm", "TeeKeyPair", "decrypt", "encrypt"]
 
@@ -33,12 +35,7 @@ _ENC = "A256GCM"
 _ECDH = ECDH_ES_A256KW
 _RSA_OAEP = RSA_OAEP_256
 _MAX_JWE_BYTES = 64 * 1024 * 1024
-
-
-_CURVES: dict[str, tuple[type[ec.EllipticCurve], int]] = {
-    "P-256": (ec.SECP256R1, 32),
-    "P-521": (ec.SECP521R1, 66),
-}
+_SIZES = {"P-256": 32, "P-521": 66}  # coordinate bytes per curve
 
 
 def _b64(value: object, what: str) -> bytes:
@@ -50,27 +47,49 @@ def _int_bytes(value: int, length: int) -> bytes:
     return value.to_bytes(length, "big")
 
 
+def _native() -> bool:
+    return libcrypto.load() is not None
+
+
+def _curve(crv: str) -> ec.EllipticCurve:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.SECP256R1() if crv == "P-256" else ec.SECP521R1()
+
+
+def _oaep() -> Any:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
 @dataclass(frozen=True, slots=True)
 class TeeKeyPair:
     """An ephemeral key pair whose public half is bound into the TEE evidence as `tee-pubkey`."""
 
     algorithm: KeyAlgorithm
-    private_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    private_key: libcrypto.P256Key | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
     @classmethod
     def generate(cls, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> TeeKeyPair:
+        if algorithm is KeyAlgorithm.EC_P256 and _native():
+            return cls(algorithm, libcrypto.P256Key.generate())
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
         if algorithm is KeyAlgorithm.RSA_OAEP_256:
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        elif algorithm is KeyAlgorithm.EC_P521:
-            key = ec.generate_private_key(ec.SECP521R1())
         else:
-            key = ec.generate_private_key(ec.SECP256R1())
+            key = ec.generate_private_key(_curve("P-521" if algorithm is KeyAlgorithm.EC_P521 else "P-256"))
         return cls(algorithm, key)
 
     @classmethod
     def from_pem(cls, pem: bytes) -> TeeKeyPair:
         """Load a key from the PEM the reference `tee_keypair` carries (PKCS#8 EC or PKCS#1 RSA)."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
         key = serialization.load_pem_private_key(pem, password=None)
         if isinstance(key, rsa.RSAPrivateKey):
             return cls(KeyAlgorithm.RSA_OAEP_256, key)
@@ -82,39 +101,48 @@ class TeeKeyPair:
         msg = "tee key pair must be RSA-2048, EC P-256 or EC P-521"
         raise ValueError(msg)
 
+    @property
+    def crv(self) -> str:
+        return "P-521" if self.algorithm is KeyAlgorithm.EC_P521 else "P-256"
+
     def public_jwk(self) -> dict[str, str]:
         """The JWK with exactly the members the KBS re-serialises and hashes (kbs-protocol.md §5.2)."""
-        if isinstance(self.private_key, rsa.RSAPrivateKey):
-            numbers = self.private_key.public_key().public_numbers()
-            n = _int_bytes(numbers.n, (numbers.n.bit_length() + 7) // 8)
-            e = _int_bytes(numbers.e, (numbers.e.bit_length() + 7) // 8)
-            return {"kty": "RSA", "alg": _RSA_OAEP, "n": b64url_encode(n), "e": b64url_encode(e)}
-        crv = "P-256" if self.algorithm is KeyAlgorithm.EC_P256 else "P-521"
-        size = _CURVES[crv][1]
-        point = self.private_key.public_key().public_numbers()
-        return {
-            "kty": "EC",
-            "crv": crv,
-            "alg": _ECDH,
-            "x": b64url_encode(_int_bytes(point.x, size)),
-            "y": b64url_encode(_int_bytes(point.y, size)),
-        }
+        key = self.private_key
+        if isinstance(key, libcrypto.P256Key):
+            x, y = key.public_point()
+        else:
+            from cryptography.hazmat.primitives.asymmetric import rsa  # loaded already: the key is pyca's
+
+            if isinstance(key, rsa.RSAPrivateKey):
+                numbers = key.public_key().public_numbers()
+                n = _int_bytes(numbers.n, (numbers.n.bit_length() + 7) // 8)
+                e = _int_bytes(numbers.e, (numbers.e.bit_length() + 7) // 8)
+                return {"kty": "RSA", "alg": _RSA_OAEP, "n": b64url_encode(n), "e": b64url_encode(e)}
+            point = key.public_key().public_numbers()
+            x, y = _int_bytes(point.x, _SIZES[self.crv]), _int_bytes(point.y, _SIZES[self.crv])
+        return {"kty": "EC", "crv": self.crv, "alg": _ECDH, "x": b64url_encode(x), "y": b64url_encode(y)}
 
     def private_pem(self) -> bytes:
         """PEM as the reference `tee_keypair`: PKCS#8 for EC, PKCS#1 for RSA. This is secret material."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+        key = self.private_key
+        if isinstance(key, libcrypto.P256Key):
+            key = ec.derive_private_key(int.from_bytes(key.private_scalar(), "big"), ec.SECP256R1())
         fmt = (
             serialization.PrivateFormat.TraditionalOpenSSL
-            if isinstance(self.private_key, rsa.RSAPrivateKey)
+            if isinstance(key, rsa.RSAPrivateKey)
             else serialization.PrivateFormat.PKCS8
         )
-        return self.private_key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
+        return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
 
     def __repr__(self) -> str:
         return f"TeeKeyPair({self.algorithm.value}, <private key>)"
 
 
 def _concat_kdf(z: bytes, header: dict[str, Any]) -> bytes:
-    """RFC 7518 §4.6.2 Concat KDF for ECDH-ES+A256KW (256-bit KEK, SHA-256)."""
+    """RFC 7518 §4.6.2 Concat KDF for ECDH-ES+A256KW: a 256-bit KEK is one SHA-256 round (NIST SP 800-56A)."""
     apu = _b64(header["apu"], "apu") if "apu" in header else b""
     apv = _b64(header["apv"], "apv") if "apv" in header else b""
     alg = _ECDH.encode("ascii")
@@ -127,20 +155,86 @@ def _concat_kdf(z: bytes, header: dict[str, Any]) -> bytes:
         + apv
         + struct.pack(">I", 256)
     )
-    return ConcatKDFHash(hashes.SHA256(), 32, other_info).derive(z)
+    return hashlib.sha256(struct.pack(">I", 1) + z + other_info).digest()
 
 
-def _load_epk(epk: object, crv: str) -> ec.EllipticCurvePublicKey:
-    if not isinstance(epk, dict) or epk.get("kty") != "EC" or epk.get("crv") != crv:
+def _point(jwk: object, crv: str) -> tuple[bytes, bytes]:
+    """The (x, y) of an EC JWK on curve `crv`, each exactly the curve's size; not yet checked to be on the curve."""
+    if not isinstance(jwk, dict) or jwk.get("kty") != "EC" or jwk.get("crv") != crv:
         msg = "epk does not match the key"
         raise ValueError(msg)
-    curve_cls, size = _CURVES[crv]
-    x, y = _b64(epk.get("x"), "x"), _b64(epk.get("y"), "y")
-    if len(x) != size or len(y) != size:
+    x, y = _b64(jwk.get("x"), "x"), _b64(jwk.get("y"), "y")
+    if len(x) != _SIZES[crv] or len(y) != _SIZES[crv]:
         msg = "epk coordinates have the wrong length"
         raise ValueError(msg)
-    numbers = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve_cls())
+    return x, y
+
+
+def _pyca_public(crv: str, x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    numbers = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), _curve(crv))
     return numbers.public_key()  # validates the point is on the curve
+
+
+def _ecdh(key: libcrypto.P256Key | ec.EllipticCurvePrivateKey, crv: str, x: bytes, y: bytes) -> bytes:
+    """The ECDH shared secret with the peer point (x, y); `ValueError` if it is not on the curve."""
+    if isinstance(key, libcrypto.P256Key):
+        return key.exchange(x, y)
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return key.exchange(ec.ECDH(), _pyca_public(crv, x, y))
+
+
+def _cek(keypair: TeeKeyPair, header: dict[str, Any], encrypted_key: bytes) -> bytes:
+    """The content-encryption key: RSA-OAEP-256 decryption, or ECDH-ES with the header's `epk` and A256KW unwrap."""
+    key = keypair.private_key
+    if not isinstance(key, libcrypto.P256Key):
+        from cryptography.hazmat.primitives.asymmetric import rsa  # loaded already: the key is pyca's
+
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.decrypt(encrypted_key, _oaep())
+    x, y = _point(header.get("epk"), keypair.crv)
+    return _unwrap(_concat_kdf(_ecdh(key, keypair.crv, x, y), header), encrypted_key)
+
+
+def _unwrap(kek: bytes, wrapped: bytes) -> bytes:
+    if _native():
+        return libcrypto.aes_key_unwrap(kek, wrapped)
+    from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+    try:
+        return aes_key_unwrap(kek, wrapped)
+    except InvalidUnwrap as exc:
+        raise ValueError from exc
+
+
+def _wrap(kek: bytes, cek: bytes) -> bytes:
+    if _native():
+        return libcrypto.aes_key_wrap(kek, cek)
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+    return aes_key_wrap(kek, cek)
+
+
+def _open(cek: bytes, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
+    if _native():
+        return libcrypto.aes_gcm_decrypt(cek, iv, ciphertext, tag, aad)
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        return AESGCM(cek).decrypt(iv, ciphertext + tag, aad)
+    except InvalidTag as exc:
+        raise ValueError from exc
+
+
+def _seal(cek: bytes, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    if _native():
+        return libcrypto.aes_gcm_encrypt(cek, iv, plaintext, aad)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(cek).encrypt(iv, plaintext, aad)
 
 
 def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
@@ -177,36 +271,14 @@ def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
         tag = _b64(body["tag"], "tag")
         if len(iv) != 12 or len(tag) != 16:
             raise DecryptionError
-        key = keypair.private_key
-        if isinstance(key, rsa.RSAPrivateKey):
-            cek = key.decrypt(
-                encrypted_key,
-                padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
-            )
-        else:
-            crv = "P-256" if keypair.algorithm is KeyAlgorithm.EC_P256 else "P-521"
-            epk = _load_epk(header.get("epk"), crv)
-            z = key.exchange(ec.ECDH(), epk)
-            cek = aes_key_unwrap(_concat_kdf(z, header), encrypted_key)
+        cek = _cek(keypair, header, encrypted_key)
         if len(cek) != 32:
             raise DecryptionError
-        return AESGCM(cek).decrypt(iv, ciphertext + tag, protected_b64.encode("ascii"))
+        return _open(cek, iv, ciphertext, tag, protected_b64.encode("ascii"))
     except DecryptionError:
         raise
-    except (ValueError, KeyError, TypeError, InvalidTag, InvalidUnwrap, UnicodeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # the backends raise ValueError for bad crypto
         raise DecryptionError from exc
-
-
-def _public_key_from_jwk(jwk: dict[str, Any]) -> tuple[str, ec.EllipticCurvePublicKey | rsa.RSAPublicKey]:
-    kty = jwk.get("kty")
-    if kty == "RSA" and jwk.get("alg", _RSA_OAEP) == _RSA_OAEP:
-        n = int.from_bytes(b64url_decode(jwk["n"], "n", error=ValueError), "big")
-        e = int.from_bytes(b64url_decode(jwk["e"], "e", error=ValueError), "big")
-        return _RSA_OAEP, rsa.RSAPublicNumbers(e, n).public_key()
-    if kty == "EC" and jwk.get("alg", _ECDH) == _ECDH and jwk.get("crv") in _CURVES:
-        return _ECDH, _load_epk({"kty": "EC", "crv": jwk["crv"], "x": jwk["x"], "y": jwk["y"]}, jwk["crv"])
-    msg = "unsupported tee-pubkey algorithm"
-    raise ValueError(msg)
 
 
 def encrypt(jwk: dict[str, Any], plaintext: bytes) -> bytes:
@@ -215,29 +287,29 @@ def encrypt(jwk: dict[str, Any], plaintext: bytes) -> bytes:
     Raises:
         ValueError: if the JWK is not one of the supported key types.
     """
-    alg, public = _public_key_from_jwk(jwk)
-    cek = AESGCM.generate_key(bit_length=256)
-    header: dict[str, Any] = {"alg": alg, "enc": _ENC}
-    if isinstance(public, rsa.RSAPublicKey):
-        encrypted_key = public.encrypt(
-            cek, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-        )
+    cek = secrets.token_bytes(32)
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "RSA" and jwk.get("alg", _RSA_OAEP) == _RSA_OAEP:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        n = int.from_bytes(b64url_decode(jwk["n"], "n", error=ValueError), "big")
+        e = int.from_bytes(b64url_decode(jwk["e"], "e", error=ValueError), "big")
+        header: dict[str, Any] = {"alg": _RSA_OAEP, "enc": _ENC}
+        encrypted_key = rsa.RSAPublicNumbers(e, n).public_key().encrypt(cek, _oaep())
+    elif kty == "EC" and jwk.get("alg", _ECDH) == _ECDH and isinstance(crv, str) and crv in _SIZES:
+        x, y = _point({"kty": "EC", "crv": crv, "x": jwk.get("x"), "y": jwk.get("y")}, crv)
+        ephemeral = TeeKeyPair.generate(KeyAlgorithm.EC_P256 if crv == "P-256" else KeyAlgorithm.EC_P521)
+        epk = ephemeral.public_jwk()
+        header = {"alg": _ECDH, "enc": _ENC}
+        header["epk"] = {"crv": crv, "kty": "EC", "x": epk["x"], "y": epk["y"]}
+        z = _ecdh(ephemeral.private_key, crv, x, y)  # type: ignore[arg-type]  # an EC key: generated for a curve
+        encrypted_key = _wrap(_concat_kdf(z, header), cek)
     else:
-        crv = jwk["crv"]
-        curve_cls, size = _CURVES[crv]
-        ephemeral = ec.generate_private_key(curve_cls())
-        point = ephemeral.public_key().public_numbers()
-        header["epk"] = {
-            "crv": crv,
-            "kty": "EC",
-            "x": b64url_encode(_int_bytes(point.x, size)),
-            "y": b64url_encode(_int_bytes(point.y, size)),
-        }
-        z = ephemeral.exchange(ec.ECDH(), public)
-        encrypted_key = aes_key_wrap(_concat_kdf(z, header), cek)
+        msg = "unsupported tee-pubkey algorithm"
+        raise ValueError(msg)
     protected = b64url_encode(json.dumps(header, separators=(",", ":")).encode())
     iv = secrets.token_bytes(12)
-    sealed = AESGCM(cek).encrypt(iv, plaintext, protected.encode("ascii"))
+    sealed = _seal(cek, iv, plaintext, protected.encode("ascii"))
     body = {
         "protected": protected,
         "encrypted_key": b64url_encode(encrypted_key),

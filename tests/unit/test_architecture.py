@@ -36,6 +36,7 @@ PURE = [
     "secrets/sealed.py",
     "strictjson.py",
     "jws.py",
+    "libcrypto.py",
     "secret.py",
     "image/compression.py",
     "image/ocicrypt.py",

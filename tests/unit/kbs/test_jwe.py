@@ -11,7 +11,7 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from jwcrypto import jwe as jw_jwe
 from jwcrypto import jwk as jw_jwk
 
+from agent import libcrypto
 from agent.errors import DecryptionError
 from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt, encrypt
 from agent.strictjson import b64url_decode as _strict_b64url_decode
@@ -34,10 +35,33 @@ ALGORITHMS = list(KeyAlgorithm)
 PLAINTEXT = b"\x00the resource bytes\xff" * 3
 
 
-@pytest.fixture(scope="module", params=ALGORITHMS, ids=[a.value for a in ALGORITHMS])
-def keypair(request: pytest.FixtureRequest) -> TeeKeyPair:
+BACKENDS = ["libcrypto", "pyca"]
+_KEYS: dict[tuple[KeyAlgorithm, str], TeeKeyPair] = {}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both crypto backends of agent.kbs.jwe: the platform libcrypto (where it is OpenSSL 3) and pyca/cryptography."""
+    name: str = request.param
+    if name == "pyca":
+        monkeypatch.setattr(libcrypto, "load", lambda: None)
+    elif libcrypto.load() is None:
+        pytest.skip("this Python's _hashlib is not linked against OpenSSL 3: only the pyca backend runs here")
+    return name
+
+
+@pytest.fixture(params=ALGORITHMS, ids=[a.value for a in ALGORITHMS])
+def keypair(request: pytest.FixtureRequest, backend: str) -> TeeKeyPair:
+    """One key per algorithm and backend, made once (RSA key generation is slow)."""
     algorithm: KeyAlgorithm = request.param
-    return TeeKeyPair.generate(algorithm)
+    if (algorithm, backend) not in _KEYS:
+        _KEYS[algorithm, backend] = TeeKeyPair.generate(algorithm)
+    return _KEYS[algorithm, backend]
+
+
+def test_default_key_is_native_where_libcrypto_is_openssl3(backend: str) -> None:
+    key = TeeKeyPair.generate().private_key
+    assert isinstance(key, libcrypto.P256Key) == (backend == "libcrypto")
 
 
 def independent_jwe(keypair: TeeKeyPair, plaintext: bytes, *, cek: bytes = b"\x11" * 32) -> bytes:
@@ -45,8 +69,10 @@ def independent_jwe(keypair: TeeKeyPair, plaintext: bytes, *, cek: bytes = b"\x1
     jwk = keypair.public_jwk()
     if jwk["kty"] == "RSA":
         header: dict[str, object] = {"alg": "RSA-OAEP-256", "enc": "A256GCM"}
-        public = keypair.private_key.public_key()
-        encrypted_key = public.encrypt(  # type: ignore[union-attr]  # RSA branch
+        rsa_numbers = rsa.RSAPublicNumbers(
+            int.from_bytes(b64url_decode(jwk["e"]), "big"), int.from_bytes(b64url_decode(jwk["n"]), "big")
+        )
+        encrypted_key = rsa_numbers.public_key().encrypt(
             cek, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
         )
     else:
@@ -64,8 +90,10 @@ def independent_jwe(keypair: TeeKeyPair, plaintext: bytes, *, cek: bytes = b"\x1
                 "y": b64url_encode(numbers.y.to_bytes(size, "big")),
             },
         }
-        peer = keypair.private_key.public_key()
-        z = ephemeral.exchange(ec.ECDH(), peer)  # type: ignore[arg-type]  # EC branch
+        peer = ec.EllipticCurvePublicNumbers(
+            int.from_bytes(b64url_decode(jwk["x"]), "big"), int.from_bytes(b64url_decode(jwk["y"]), "big"), curve
+        ).public_key()
+        z = ephemeral.exchange(ec.ECDH(), peer)
         other = struct.pack(">I", 14) + b"ECDH-ES+A256KW" + struct.pack(">II", 0, 0) + struct.pack(">I", 256)
         kek = ConcatKDFHash(hashes.SHA256(), 32, other).derive(z)
         encrypted_key = aes_key_wrap(kek, cek)
