@@ -320,7 +320,7 @@ def aes_gcm_encrypt(key: bytes, iv: bytes, plaintext: bytes, aad: bytes) -> byte
             or lib.EVP_CIPHER_CTX_ctrl(cipher.ctx, _EVP_CTRL_AEAD_GET_TAG, _GCM_TAG, tag) != 1
         ):
             raise _fail(lib)
-        return out.raw[: len(plaintext)] + tag.raw
+        return ctypes.string_at(out, len(plaintext)) + tag.raw  # one copy of the message
 
 
 def aes_gcm_decrypt(key: bytes, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
@@ -340,4 +340,4 @@ def aes_gcm_decrypt(key: bytes, iv: bytes, ciphertext: bytes, tag: bytes, aad: b
         ):
             ctypes.memset(out, 0, len(ciphertext))
             raise _fail(lib)
-        return out.raw[: len(ciphertext)]
+        return ctypes.string_at(out, len(ciphertext))  # one copy of the message
