@@ -426,5 +426,5 @@ def test_install_sh_with_the_images_self_contained_interpreter(image: Image, tmp
         assert (root / "usr/local/bin" / name).read_text().splitlines()[0] == f"#!{python} -I"
     assert "usage: attestation-agent" in run("chroot", str(root), "/usr/local/bin/attestation-agent", "--help")
     # the TEE key's crypto is the image's own libssl3, reached through its _hashlib (docs/decisions.md, 22)
-    probe = "from agent import libcrypto; from agent.kbs import jwe; jwe.self_test(); print(libcrypto.load() is not None)"
-    assert run("chroot", str(root), python, "-I", "-c", probe).strip() == "True"
+    probe = "from agent import libcrypto; from agent.kbs import jwe; jwe.self_test(); print(libcrypto.load() is None)"
+    assert run("chroot", str(root), python, "-I", "-c", probe).strip() == "False"
