@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 import weakref
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_uint, c_ulong, c_void_p
 
@@ -24,7 +25,9 @@ _P256_SIZE = 32
 _POINT_SIZE = 1 + 2 * _P256_SIZE  # uncompressed SEC1 point: 04 || X || Y
 _OSSL_PARAM_UTF8_STRING = 4  # openssl/core.h
 _OSSL_PARAM_OCTET_STRING = 5
+_OSSL_PARAM_UNSIGNED_INTEGER = 2
 _EVP_PKEY_PUBLIC_KEY = 0x86  # OSSL_KEYMGMT_SELECT_ALL_PARAMETERS | OSSL_KEYMGMT_SELECT_PUBLIC_KEY
+_EVP_PKEY_KEYPAIR = 0x87  # ... | OSSL_KEYMGMT_SELECT_PRIVATE_KEY
 _EVP_CTRL_AEAD_GET_TAG = 0x10
 _EVP_CTRL_AEAD_SET_TAG = 0x11
 _EVP_CIPHER_CTX_FLAG_WRAP_ALLOW = 0x1
@@ -47,6 +50,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "EVP_PKEY_fromdata_init": (c_int, [c_void_p]),
     "EVP_PKEY_fromdata": (c_int, [c_void_p, POINTER(c_void_p), c_int, c_void_p]),
     "EVP_PKEY_get_octet_string_param": (c_int, [c_void_p, c_char_p, c_void_p, c_size_t, POINTER(c_size_t)]),
+    "EVP_PKEY_check": (c_int, [c_void_p]),
     "EVP_PKEY_derive_init": (c_int, [c_void_p]),
     "EVP_PKEY_derive_set_peer_ex": (c_int, [c_void_p, c_void_p, c_int]),
     "EVP_PKEY_derive": (c_int, [c_void_p, c_void_p, POINTER(c_size_t)]),
@@ -118,27 +122,31 @@ class _Param(ctypes.Structure):
     )
 
 
-def _peer(lib: ctypes.CDLL, x: bytes, y: bytes) -> int:
-    """A P-256 public `EVP_PKEY` from its coordinates. Decoding the point (EC_POINT_oct2point) refuses
-    coordinates >= p and points off the curve; P-256's cofactor is 1, so every such point is in the prime-order
-    group and libcrypto's further order check (`EVP_PKEY_public_check`) adds nothing."""
-    if len(x) != _P256_SIZE or len(y) != _P256_SIZE:
+def _fromdata(lib: ctypes.CDLL, x: bytes, y: bytes, scalar: bytes | None = None) -> int:
+    """A P-256 `EVP_PKEY` from its public point, and its private scalar if given. Decoding the point
+    (EC_POINT_oct2point) refuses coordinates >= p and points off the curve; P-256's cofactor is 1, so every such
+    point is in the prime-order group and libcrypto's further order check (`EVP_PKEY_public_check`) adds nothing
+    for a peer's key."""
+    if len(x) != _P256_SIZE or len(y) != _P256_SIZE or (scalar is not None and len(scalar) != _P256_SIZE):
         msg = "P-256 coordinates must be 32 bytes each"
         raise ValueError(msg)
     group, point = b"P-256", b"\x04" + x + y
-    params = (_Param * 3)(
+    params = (_Param * 4)(
         _Param(b"group", _OSSL_PARAM_UTF8_STRING, group, len(group), 0),
         _Param(b"pub", _OSSL_PARAM_OCTET_STRING, point, len(point), 0),
-        _Param(),  # the end marker: a NULL key
-    )
+    )  # the rest are end markers: NULL keys
+    if scalar is not None:  # an OSSL_PARAM integer is in the machine's byte order
+        native = scalar if sys.byteorder == "big" else scalar[::-1]
+        params[2] = _Param(b"priv", _OSSL_PARAM_UNSIGNED_INTEGER, native, len(native), 0)
     ctx = lib.EVP_PKEY_CTX_new_from_name(None, b"EC", None)
     if not ctx:
         raise _fail(lib)
     try:
         pkey = c_void_p()
+        selection = _EVP_PKEY_PUBLIC_KEY if scalar is None else _EVP_PKEY_KEYPAIR
         if (
             lib.EVP_PKEY_fromdata_init(ctx) != 1
-            or lib.EVP_PKEY_fromdata(ctx, byref(pkey), _EVP_PKEY_PUBLIC_KEY, params) != 1
+            or lib.EVP_PKEY_fromdata(ctx, byref(pkey), selection, params) != 1
             or not pkey.value
         ):
             raise _fail(lib)
@@ -175,6 +183,22 @@ class P256Key:
         finally:
             lib.EVP_PKEY_CTX_free(ctx)
 
+    @classmethod
+    def from_private(cls, scalar: bytes, x: bytes, y: bytes) -> P256Key:
+        """Import a key pair (a PKCS#8 PEM's contents): `ValueError` unless the scalar is in [1, n - 1] and
+        (x, y) is its public point (`EVP_PKEY_check`: parameters, public key, private key, pair)."""
+        lib = _lib()
+        key = cls(_fromdata(lib, x, y, scalar))
+        ctx = lib.EVP_PKEY_CTX_new(key._pkey, None)
+        if not ctx:
+            raise _fail(lib)
+        try:
+            if lib.EVP_PKEY_check(ctx) != 1:
+                raise _fail(lib)
+        finally:
+            lib.EVP_PKEY_CTX_free(ctx)
+        return key
+
     def public_point(self) -> tuple[bytes, bytes]:
         """The public key's affine coordinates, 32 big-endian bytes each."""
         lib = _lib()
@@ -192,7 +216,7 @@ class P256Key:
         """ECDH with the peer point (x, y): the 32-byte shared secret. `ValueError` if the point is not a valid
         P-256 public key."""
         lib = _lib()
-        peer = _peer(lib, x, y)
+        peer = _fromdata(lib, x, y)
         try:
             ctx = lib.EVP_PKEY_CTX_new(self._pkey, None)
             if not ctx:
@@ -202,7 +226,7 @@ class P256Key:
                 length = c_size_t(_P256_SIZE)
                 if (
                     lib.EVP_PKEY_derive_init(ctx) != 1
-                    or lib.EVP_PKEY_derive_set_peer_ex(ctx, peer, 0) != 1  # validated by `_peer`
+                    or lib.EVP_PKEY_derive_set_peer_ex(ctx, peer, 0) != 1  # validated by `_fromdata`
                     or lib.EVP_PKEY_derive(ctx, secret, byref(length)) != 1
                     or length.value != _P256_SIZE
                 ):

@@ -14,6 +14,8 @@ PEM, and any platform without it use pyca/cryptography, imported on first use on
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import secrets
@@ -36,6 +38,13 @@ _ECDH = ECDH_ES_A256KW
 _RSA_OAEP = RSA_OAEP_256
 _MAX_JWE_BYTES = 64 * 1024 * 1024
 _SIZES = {"P-256": 32, "P-521": 66}  # coordinate bytes per curve
+# A P-256 key in PKCS#8 (RFC 5208: version 0, id-ecPublicKey with prime256v1) around an RFC 5915 ECPrivateKey
+# (version 1, the scalar, no parameters, the public point): the one form OpenSSL, pyca and RustCrypto write.
+# DER: _P256_PKCS8_HEAD || scalar (32) || _P256_PKCS8_MID || 04 || X || Y.
+_P256_PKCS8_HEAD = bytes.fromhex("308187020100301306072a8648ce3d020106082a8648ce3d030107046d306b0201010420")
+_P256_PKCS8_MID = bytes.fromhex("a14403420004")
+_P256_PKCS8_SIZE = len(_P256_PKCS8_HEAD) + 32 + len(_P256_PKCS8_MID) + 64
+_PEM_HEADER, _PEM_FOOTER = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
 
 
 def _b64(value: object, what: str) -> bytes:
@@ -49,6 +58,30 @@ def _int_bytes(value: int, length: int) -> bytes:
 
 def _native() -> bool:
     return libcrypto.load() is not None
+
+
+def _p256_pkcs8_pem(scalar: bytes, x: bytes, y: bytes) -> bytes:
+    body = base64.b64encode(_P256_PKCS8_HEAD + scalar + _P256_PKCS8_MID + x + y)
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return b"\n".join([_PEM_HEADER, *lines, _PEM_FOOTER]) + b"\n"
+
+
+def _p256_pkcs8_parts(pem: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(scalar, x, y) of a P-256 PKCS#8 PEM in the form `_p256_pkcs8_pem` writes (any line breaks); None for every
+    other PEM, which pyca/cryptography's loader then reads or refuses."""
+    text = pem.strip()
+    if not text.startswith(_PEM_HEADER) or not text.endswith(_PEM_FOOTER):
+        return None
+    body = b"".join(text[len(_PEM_HEADER) : -len(_PEM_FOOTER)].split())
+    try:
+        der = base64.b64decode(body, validate=True)
+    except binascii.Error:
+        return None
+    head, mid = len(_P256_PKCS8_HEAD), len(_P256_PKCS8_HEAD) + 32
+    if len(der) != _P256_PKCS8_SIZE or der[:head] != _P256_PKCS8_HEAD or der[mid : mid + 6] != _P256_PKCS8_MID:
+        return None
+    point = der[mid + 6 :]
+    return der[head:mid], point[:32], point[32:]
 
 
 def _curve(crv: str) -> ec.EllipticCurve:
@@ -87,6 +120,9 @@ class TeeKeyPair:
     @classmethod
     def from_pem(cls, pem: bytes) -> TeeKeyPair:
         """Load a key from the PEM the reference `tee_keypair` carries (PKCS#8 EC or PKCS#1 RSA)."""
+        parts = _p256_pkcs8_parts(pem) if _native() else None
+        if parts is not None:
+            return cls(KeyAlgorithm.EC_P256, libcrypto.P256Key.from_private(*parts))
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -124,12 +160,12 @@ class TeeKeyPair:
 
     def private_pem(self) -> bytes:
         """PEM as the reference `tee_keypair`: PKCS#8 for EC, PKCS#1 for RSA. This is secret material."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
         key = self.private_key
         if isinstance(key, libcrypto.P256Key):
-            key = ec.derive_private_key(int.from_bytes(key.private_scalar(), "big"), ec.SECP256R1())
+            return _p256_pkcs8_pem(key.private_scalar(), *key.public_point())
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         fmt = (
             serialization.PrivateFormat.TraditionalOpenSSL
             if isinstance(key, rsa.RSAPrivateKey)

@@ -93,6 +93,32 @@ class TestP256:
         assert 0 < scalar < 2**256
         assert coordinates(ec.derive_private_key(scalar, ec.SECP256R1())) == ours.public_point()
 
+    def test_import_of_a_pyca_key_pair(self) -> None:
+        theirs = ec.generate_private_key(ec.SECP256R1())
+        scalar = theirs.private_numbers().private_value.to_bytes(32, "big")
+        imported = libcrypto.P256Key.from_private(scalar, *coordinates(theirs))
+        assert imported.public_point() == coordinates(theirs)
+        assert imported.private_scalar() == scalar
+        other = libcrypto.P256Key.generate()
+        assert imported.exchange(*other.public_point()) == other.exchange(*coordinates(theirs))
+
+    @pytest.mark.parametrize(
+        "scalar",
+        [
+            bytes(32),  # zero
+            bytes.fromhex("FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551"),  # the group order n
+            b"\xff" * 32,  # above n
+            None,  # a valid scalar, but not the point's
+        ],
+    )
+    def test_import_refuses_a_scalar_that_is_not_the_points(self, scalar: bytes | None) -> None:
+        theirs = ec.generate_private_key(ec.SECP256R1())
+        if scalar is None:
+            scalar = ec.generate_private_key(ec.SECP256R1()).private_numbers().private_value.to_bytes(32, "big")
+        with pytest.raises(ValueError, match="libcrypto operation failed"):
+            libcrypto.P256Key.from_private(scalar, *coordinates(theirs))
+        assert error_queue_is_empty()
+
     def test_keys_differ(self) -> None:
         assert libcrypto.P256Key.generate().public_point() != libcrypto.P256Key.generate().public_point()
 

@@ -6,11 +6,12 @@ cross-checked both ways against jwcrypto, an independent JOSE implementation.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
@@ -22,7 +23,7 @@ from jwcrypto import jwk as jw_jwk
 
 from agent import libcrypto
 from agent.errors import DecryptionError
-from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt, encrypt
+from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, _p256_pkcs8_parts, decrypt, encrypt
 from agent.strictjson import b64url_decode as _strict_b64url_decode
 from agent.strictjson import b64url_encode
 
@@ -225,6 +226,47 @@ class TestKeys:
         assert pem.startswith(expected)
         assert TeeKeyPair.from_pem(pem).public_jwk() == keypair.public_jwk()
 
+    def test_p256_pem_is_byte_for_byte_pycas(self, backend: str) -> None:
+        keypair = TeeKeyPair.generate()
+        pem = keypair.private_pem()
+        scalar = serialization.load_pem_private_key(pem, password=None).private_numbers().private_value  # type: ignore[union-attr]
+        expected = ec.derive_private_key(scalar, ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        assert pem == expected
+
+    @pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
+    def test_p256_pem_from_pyca_loads_natively(self, backend: str, line_end: bytes) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).replace(b"\n", line_end)
+        loaded = TeeKeyPair.from_pem(pem)
+        assert isinstance(loaded.private_key, libcrypto.P256Key) == (backend == "libcrypto")
+        numbers = key.public_key().public_numbers()
+        assert loaded.public_jwk()["x"] == b64url_encode(numbers.x.to_bytes(32, "big"))
+        assert loaded.public_jwk()["y"] == b64url_encode(numbers.y.to_bytes(32, "big"))
+        assert decrypt(loaded, encrypt(loaded.public_jwk(), PLAINTEXT)) == PLAINTEXT
+
+    def test_other_p256_encodings_load_through_pyca(self, backend: str) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        sec1 = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+        assert sec1.startswith(b"-----BEGIN EC PRIVATE KEY-----")
+        loaded = TeeKeyPair.from_pem(sec1)
+        assert isinstance(loaded.private_key, ec.EllipticCurvePrivateKey)
+        assert loaded.algorithm is KeyAlgorithm.EC_P256
+
+    def test_a_p256_pem_whose_point_is_not_its_scalars_is_refused(self, backend: str) -> None:
+        ours, other = TeeKeyPair.generate().private_pem(), TeeKeyPair.generate().private_pem()
+        der, other_der = (base64.b64decode(b"".join(p.split(b"\n")[1:-2])) for p in (ours, other))
+        mixed = der[:-64] + other_der[-64:]  # our scalar, the other key's public point
+        body = base64.b64encode(mixed)
+        pem = b"-----BEGIN PRIVATE KEY-----\n" + body + b"\n-----END PRIVATE KEY-----\n"
+        with pytest.raises(ValueError):  # libcrypto and pyca word it differently
+            TeeKeyPair.from_pem(pem)
+
     def test_repr_hides_key(self, keypair: TeeKeyPair) -> None:
         assert "PRIVATE" not in repr(keypair)
 
@@ -267,3 +309,11 @@ def test_decrypt_of_any_bytes_is_only_a_decryption_error(data: bytes) -> None:
 
 
 _EC_KEYPAIR = TeeKeyPair.generate(KeyAlgorithm.EC_P256)
+
+
+@given(st.binary(max_size=400), st.sampled_from([b"", b"-----BEGIN PRIVATE KEY-----\n"]))
+def test_the_p256_pem_reader_takes_any_bytes_without_raising(data: bytes, header: bytes) -> None:
+    footer = b"\n-----END PRIVATE KEY-----\n" if header else b""
+    for pem in (data, header + data + footer, header + base64.b64encode(data) + footer):
+        parts = _p256_pkcs8_parts(pem)
+        assert parts is None or [len(p) for p in parts] == [32, 32, 32]
