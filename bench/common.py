@@ -125,17 +125,24 @@ def ttrpc_request(service: str, method: str, payload: bytes = b"", stream: int =
     return len(body).to_bytes(4, "big") + stream.to_bytes(4, "big") + bytes([1, 0]) + body
 
 
-def ttrpc_answered(path: str, service: str, method: str, payload: bytes = b"") -> bool:
-    """One call on a unix socket: True once a Response frame comes back (whatever its status)."""
+def ttrpc_call(path: str, service: str, method: str, payload: bytes = b"") -> bytes | None:
+    """One call on a unix socket: the Response frame's body (status and payload), or None if none came back."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(30)
             sock.connect(path)
             sock.sendall(ttrpc_request(service, method, payload))
-            header = sock.recv(10)
-            return len(header) == 10 and header[8] == 2
+            header = sock.recv(10, socket.MSG_WAITALL)
+            if len(header) != 10 or header[8] != 2:
+                return None
+            return sock.recv(int.from_bytes(header[:4], "big"), socket.MSG_WAITALL)
     except OSError:
-        return False
+        return None
+
+
+def ttrpc_answered(path: str, service: str, method: str, payload: bytes = b"") -> bool:
+    """True once a Response frame comes back (whatever its status)."""
+    return ttrpc_call(path, service, method, payload) is not None
 
 
 def http_answered(host: str, port: int, target: str = "/info") -> bool:
