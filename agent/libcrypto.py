@@ -1,15 +1,15 @@
-"""The KBS handshake's primitives from the platform's OpenSSL 3 libcrypto, through ctypes. Pure.
+"""The KBS handshake's and the layer-key unwrap's primitives from the platform's OpenSSL 3 libcrypto, via ctypes. Pure.
 
-P-256 key generation and ECDH, AES-256 key wrap (RFC 3394) and AES-256-GCM: everything a TEE key needs to decrypt
-an `ECDH-ES+A256KW` / `A256GCM` JWE. The library is the one Python's own `hashlib` and `ssl` are linked against
-(already mapped in every agent process: asyncio loads `ssl`), reached through `_hashlib`'s dlopen handle; pyca/
-cryptography's bundled copy would add ~10 MiB to a process that only ever does this (docs/decisions.md, 22).
+P-256 key generation, import and ECDH, AES-256 key wrap (RFC 3394), AES-256-GCM and AES-256-CTR: everything a TEE
+key needs to decrypt an `ECDH-ES+A256KW` / `A256GCM` JWE, and the data hub needs to unwrap an image layer's
+annotation packet. The library is the one Python's own `hashlib` and `ssl` are linked against (already mapped in
+every agent process: asyncio loads `ssl`), reached through `_hashlib`'s dlopen handle; pyca/cryptography's bundled
+copy would add ~10 MiB to a process that only ever does this (docs/decisions.md, 22).
 
-`load()` answers None where that library is not OpenSSL >= 3.0 or lacks a symbol; `agent.kbs.jwe` then uses
+`load()` answers None where that library is not OpenSSL >= 3.0 or lacks a symbol; the callers then use
 pyca/cryptography. Nothing here reads files or logs. Every failure raises `ValueError` without saying why (the
 error queue is cleared, so no stale OpenSSL error reaches `ssl` or pyca later), and no secret leaves the library
-except where a function returns it.
-"""
+except where a function returns it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 import weakref
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_uint, c_ulong, c_void_p
 
-__all__ = ["P256Key", "aes_gcm_decrypt", "aes_gcm_encrypt", "aes_key_unwrap", "aes_key_wrap", "load"]
+__all__ = ["P256Key", "aes_ctr", "aes_gcm_decrypt", "aes_gcm_encrypt", "aes_key_unwrap", "aes_key_wrap", "load"]
 
 _P256_SIZE = 32
 _POINT_SIZE = 1 + 2 * _P256_SIZE  # uncompressed SEC1 point: 04 || X || Y
@@ -32,6 +32,7 @@ _EVP_CTRL_AEAD_GET_TAG = 0x10
 _EVP_CTRL_AEAD_SET_TAG = 0x11
 _EVP_CIPHER_CTX_FLAG_WRAP_ALLOW = 0x1
 _GCM_TAG = 16
+_CTR_BLOCK = 16
 _GCM_IV = 12  # libcrypto's default GCM IV length
 _MAX_INPUT = 1 << 30  # EVP's lengths are C ints
 
@@ -59,6 +60,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "BN_clear_free": (None, [c_void_p]),
     "EVP_aes_256_gcm": (c_void_p, []),
     "EVP_aes_256_wrap": (c_void_p, []),
+    "EVP_aes_256_ctr": (c_void_p, []),
     "EVP_CIPHER_CTX_new": (c_void_p, []),
     "EVP_CIPHER_CTX_free": (None, [c_void_p]),
     "EVP_CIPHER_CTX_set_flags": (None, [c_void_p, c_int]),
@@ -365,3 +367,19 @@ def aes_gcm_decrypt(key: bytes, iv: bytes, ciphertext: bytes, tag: bytes, aad: b
             ctypes.memset(out, 0, len(ciphertext))
             raise _fail(lib)
         return ctypes.string_at(out, len(ciphertext))  # one copy of the message
+
+
+def aes_ctr(key: bytes, counter: bytes, data: bytes) -> bytes:
+    """AES-256-CTR from the 16-byte initial counter block (encrypting and decrypting are the same operation)."""
+    _check_key(key)
+    if len(counter) != _CTR_BLOCK or len(data) > _MAX_INPUT:
+        msg = "AES-CTR takes a 16-byte counter block and inputs under 1 GiB"
+        raise ValueError(msg)
+    lib = _lib()
+    with _Cipher(lib) as cipher:
+        if lib.EVP_CipherInit_ex(cipher.ctx, lib.EVP_aes_256_ctr(), None, key, counter, 1) != 1:
+            raise _fail(lib)
+        out = ctypes.create_string_buffer(len(data) + _CTR_BLOCK)
+        if cipher.update(out, data) != len(data):
+            raise _fail(lib)
+        return ctypes.string_at(out, len(data))

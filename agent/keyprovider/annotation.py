@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
+from agent import libcrypto
 from agent.errors import DecryptionError, InvalidRequest, InvalidResourceUri, NotSupported
 from agent.kbs.resource import parse_resource_uri
 from agent.strictjson import b64decode_std as _b64decode_std
@@ -238,10 +239,6 @@ def unwrap(kek: bytes, packet: AnnotationPacket) -> bytes:
     Raises `NotSupported` for a provider other than `kbs`, `InvalidRequest` for a KEK that is not 32 bytes,
     and `DecryptionError` (with no detail) when A256GCM authentication fails.
     """
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # at the first layer key
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     if packet.provider != KBS_PROVIDER:
         msg = f"annotation packet provider {_shown(packet.provider)} is not supported, expected 'kbs'."
         raise NotSupported(msg)
@@ -250,14 +247,28 @@ def unwrap(kek: bytes, packet: AnnotationPacket) -> bytes:
     if iv is None or kind is None:  # pragma: no cover - excluded by AnnotationPacket.__post_init__
         msg = "a `kbs` packet always has `iv` and `wrap_type`"
         raise ValueError(msg)
-    if kind is WrapType.A256GCM:
+    data = packet.wrapped_data
+    if libcrypto.load() is not None:  # the platform libcrypto: the data hub needs no pyca for layer keys
+        if kind is not WrapType.A256GCM:
+            optsdata = libcrypto.aes_ctr(kek, iv, data)
+        else:
+            try:
+                optsdata = libcrypto.aes_gcm_decrypt(kek, iv, data[:-16], data[-16:], b"")
+            except ValueError:
+                raise DecryptionError from None
+    elif kind is WrapType.A256GCM:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         try:
-            optsdata = AESGCM(kek).decrypt(iv, packet.wrapped_data, None)
+            optsdata = AESGCM(kek).decrypt(iv, data, None)
         except InvalidTag:
             raise DecryptionError from None
     else:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         decryptor = Cipher(algorithms.AES(kek), modes.CTR(iv)).decryptor()
-        optsdata = decryptor.update(packet.wrapped_data) + decryptor.finalize()
+        optsdata = decryptor.update(data) + decryptor.finalize()
     if not optsdata:  # pragma: no cover - excluded by the `wrapped_data` length rule of AnnotationPacket
         msg = "annotation packet `wrapped_data` decrypts to nothing, expected layer options."
         raise InvalidRequest(msg)

@@ -13,6 +13,7 @@ import types
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from hypothesis import given, settings
@@ -266,6 +267,32 @@ class TestGcm:
         sealed = libcrypto.aes_gcm_encrypt(bytes(32), bytes(12), plaintext, b"aad")
         assert sealed == AESGCM(bytes(32)).encrypt(bytes(12), plaintext, b"aad")
         assert libcrypto.aes_gcm_decrypt(bytes(32), bytes(12), sealed[:-16], sealed[-16:], b"aad") == plaintext
+
+
+class TestCtr:
+    def test_sp800_38a_f55_ctr_aes256_known_answer(self) -> None:
+        key = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+        counter = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+        plaintext = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51")
+        ciphertext = bytes.fromhex("601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5")
+        assert libcrypto.aes_ctr(key, counter, plaintext) == ciphertext
+        assert libcrypto.aes_ctr(key, counter, ciphertext) == plaintext
+
+    @settings(max_examples=60, deadline=None)
+    @given(KEY32, st.binary(min_size=16, max_size=16), st.binary(max_size=300))
+    def test_matches_pyca(self, key: bytes, counter: bytes, data: bytes) -> None:
+        encryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
+        assert libcrypto.aes_ctr(key, counter, data) == encryptor.update(data) + encryptor.finalize()
+
+    def test_the_counter_wraps_at_128_bits_as_pycas(self) -> None:
+        key, counter, data = bytes(32), b"\xff" * 16, bytes(48)
+        encryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
+        assert libcrypto.aes_ctr(key, counter, data) == encryptor.update(data) + encryptor.finalize()
+
+    @pytest.mark.parametrize("counter", [b"", bytes(12), bytes(17)])
+    def test_only_16_byte_counter_blocks(self, counter: bytes) -> None:
+        with pytest.raises(ValueError, match="16-byte counter block"):
+            libcrypto.aes_ctr(bytes(32), counter, b"x")
 
 
 class TestLoading:

@@ -36,19 +36,12 @@ ALGORITHMS = list(KeyAlgorithm)
 PLAINTEXT = b"\x00the resource bytes\xff" * 3
 
 
-BACKENDS = ["libcrypto", "pyca"]
 _KEYS: dict[tuple[KeyAlgorithm, str], TeeKeyPair] = {}
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both crypto backends of agent.kbs.jwe: the platform libcrypto (where it is OpenSSL 3) and pyca/cryptography."""
-    name: str = request.param
-    if name == "pyca":
-        monkeypatch.setattr(libcrypto, "load", lambda: None)
-    elif libcrypto.load() is None:
-        pytest.skip("this Python's _hashlib is not linked against OpenSSL 3: only the pyca backend runs here")
-    return name
+@pytest.fixture
+def backend(crypto_backend: str) -> str:
+    return crypto_backend
 
 
 @pytest.fixture(params=ALGORITHMS, ids=[a.value for a in ALGORITHMS])

@@ -95,6 +95,7 @@ class TestWrapType:
         assert WrapType.A256CTR.iv_size == 16
 
 
+@pytest.mark.usefixtures("crypto_backend")
 class TestParsePacket:
     def test_real_reference_sample_packet(self) -> None:
         packet = parse_packet(SAMPLE_PACKET)
@@ -375,6 +376,7 @@ class TestWrap:
             assert unwrap(kek, parse_packet(data)) == optsdata
 
 
+@pytest.mark.usefixtures("crypto_backend")
 class TestUnwrap:
     def gcm_packet(self) -> AnnotationPacket:
         return parse_packet(v1_json(KID, gcm_vector(KEK, GCM_IV, OPTSDATA), GCM_IV, "A256GCM"))
