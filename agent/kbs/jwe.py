@@ -1,4 +1,4 @@
-"""Ephemeral TEE key pairs, their canonical JWK, and JWE (RFC 7516 flattened JSON) for KBS responses. Pure.
+"""JWE (RFC 7516 flattened JSON) for KBS responses, to and from a TEE key pair (`agent.kbs.teekey`). Pure.
 
 What the KBS does (kbs-protocol.md §6): it encrypts each resource to the `tee-pubkey` from the attestation token
 with `enc = A256GCM` and one of `ECDH-ES+A256KW` (P-256, P-521) or `RSA-OAEP-256`; the AAD is the ASCII of the
@@ -7,29 +7,24 @@ with `enc = A256GCM` and one of `ECDH-ES+A256KW` (P-256, P-521) or `RSA-OAEP-256
 `decrypt()` allow-lists the algorithm that matches the key, checks the header, and turns every failure into one
 opaque `DecryptionError`. `encrypt()` exists for the development KBS, the self-test and tests.
 
-Two crypto backends, one behaviour (docs/decisions.md, 22): the default P-256 key and the symmetric steps (AES key
-unwrap, AES-GCM) use the platform libcrypto (`agent.libcrypto`) where it is OpenSSL 3; P-521, RSA, keys loaded from
-PEM, and any platform without it use pyca/cryptography, imported on first use only.
+Two crypto backends, one behaviour (docs/decisions.md, 22): the symmetric steps (the Concat KDF's SHA-256, AES key
+unwrap, AES-GCM) use the platform libcrypto (`agent.libcrypto`) where it is OpenSSL 3, pyca/cryptography (imported
+on first use only) where it is not.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import secrets
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import libcrypto
 from agent.errors import DecryptionError
 from agent.kbs.keyalg import ECDH_ES_A256KW, RSA_OAEP_256, KeyAlgorithm
+from agent.kbs.teekey import SIZES, TeeKeyPair, native, oaep
 from agent.strictjson import b64url_decode, b64url_encode, load_json_object
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 __all__ = ["KeyAlgorithm", "TeeKeyPair", "decrypt", "encrypt"]
 
@@ -37,144 +32,11 @@ _ENC = "A256GCM"
 _ECDH = ECDH_ES_A256KW
 _RSA_OAEP = RSA_OAEP_256
 _MAX_JWE_BYTES = 64 * 1024 * 1024
-_SIZES = {"P-256": 32, "P-521": 66}  # coordinate bytes per curve
-# A P-256 key in PKCS#8 (RFC 5208: version 0, id-ecPublicKey with prime256v1) around an RFC 5915 ECPrivateKey
-# (version 1, the scalar, no parameters, the public point): the one form OpenSSL, pyca and RustCrypto write.
-# DER: _P256_PKCS8_HEAD || scalar (32) || _P256_PKCS8_MID || 04 || X || Y.
-_P256_PKCS8_HEAD = bytes.fromhex("308187020100301306072a8648ce3d020106082a8648ce3d030107046d306b0201010420")
-_P256_PKCS8_MID = bytes.fromhex("a14403420004")
-_P256_PKCS8_SIZE = len(_P256_PKCS8_HEAD) + 32 + len(_P256_PKCS8_MID) + 64
-_PEM_HEADER, _PEM_FOOTER = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
 
 
 def _b64(value: object, what: str) -> bytes:
     # kbs-protocol.md §6.2: the KBS writes no padding; a client may accept both
     return b64url_decode(value, what, error=ValueError, padded=True)
-
-
-def _int_bytes(value: int, length: int) -> bytes:
-    return value.to_bytes(length, "big")
-
-
-def _native() -> bool:
-    return libcrypto.load() is not None
-
-
-def _p256_pkcs8_pem(scalar: bytes, x: bytes, y: bytes) -> bytes:
-    body = base64.b64encode(_P256_PKCS8_HEAD + scalar + _P256_PKCS8_MID + x + y)
-    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
-    return b"\n".join([_PEM_HEADER, *lines, _PEM_FOOTER]) + b"\n"
-
-
-def _p256_pkcs8_parts(pem: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(scalar, x, y) of a P-256 PKCS#8 PEM in the form `_p256_pkcs8_pem` writes (any line breaks); None for every
-    other PEM, which pyca/cryptography's loader then reads or refuses."""
-    text = pem.strip()
-    if not text.startswith(_PEM_HEADER) or not text.endswith(_PEM_FOOTER):
-        return None
-    body = b"".join(text[len(_PEM_HEADER) : -len(_PEM_FOOTER)].split())
-    try:
-        der = base64.b64decode(body, validate=True)
-    except binascii.Error:
-        return None
-    head, mid = len(_P256_PKCS8_HEAD), len(_P256_PKCS8_HEAD) + 32
-    if len(der) != _P256_PKCS8_SIZE or der[:head] != _P256_PKCS8_HEAD or der[mid : mid + 6] != _P256_PKCS8_MID:
-        return None
-    point = der[mid + 6 :]
-    return der[head:mid], point[:32], point[32:]
-
-
-def _curve(crv: str) -> ec.EllipticCurve:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.SECP256R1() if crv == "P-256" else ec.SECP521R1()
-
-
-def _oaep() -> Any:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-
-    return padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-
-
-@dataclass(frozen=True, slots=True)
-class TeeKeyPair:
-    """An ephemeral key pair whose public half is bound into the TEE evidence as `tee-pubkey`."""
-
-    algorithm: KeyAlgorithm
-    private_key: libcrypto.P256Key | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-    @classmethod
-    def generate(cls, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> TeeKeyPair:
-        if algorithm is KeyAlgorithm.EC_P256 and _native():
-            return cls(algorithm, libcrypto.P256Key.generate())
-        from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-        if algorithm is KeyAlgorithm.RSA_OAEP_256:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        else:
-            key = ec.generate_private_key(_curve("P-521" if algorithm is KeyAlgorithm.EC_P521 else "P-256"))
-        return cls(algorithm, key)
-
-    @classmethod
-    def from_pem(cls, pem: bytes) -> TeeKeyPair:
-        """Load a key from the PEM the reference `tee_keypair` carries (PKCS#8 EC or PKCS#1 RSA)."""
-        parts = _p256_pkcs8_parts(pem) if _native() else None
-        if parts is not None:
-            return cls(KeyAlgorithm.EC_P256, libcrypto.P256Key.from_private(*parts))
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-        key = serialization.load_pem_private_key(pem, password=None)
-        if isinstance(key, rsa.RSAPrivateKey):
-            return cls(KeyAlgorithm.RSA_OAEP_256, key)
-        if isinstance(key, ec.EllipticCurvePrivateKey):
-            if isinstance(key.curve, ec.SECP256R1):
-                return cls(KeyAlgorithm.EC_P256, key)
-            if isinstance(key.curve, ec.SECP521R1):
-                return cls(KeyAlgorithm.EC_P521, key)
-        msg = "tee key pair must be RSA-2048, EC P-256 or EC P-521"
-        raise ValueError(msg)
-
-    @property
-    def crv(self) -> str:
-        return "P-521" if self.algorithm is KeyAlgorithm.EC_P521 else "P-256"
-
-    def public_jwk(self) -> dict[str, str]:
-        """The JWK with exactly the members the KBS re-serialises and hashes (kbs-protocol.md §5.2)."""
-        key = self.private_key
-        if isinstance(key, libcrypto.P256Key):
-            x, y = key.public_point()
-        else:
-            from cryptography.hazmat.primitives.asymmetric import rsa  # loaded already: the key is pyca's
-
-            if isinstance(key, rsa.RSAPrivateKey):
-                numbers = key.public_key().public_numbers()
-                n = _int_bytes(numbers.n, (numbers.n.bit_length() + 7) // 8)
-                e = _int_bytes(numbers.e, (numbers.e.bit_length() + 7) // 8)
-                return {"kty": "RSA", "alg": _RSA_OAEP, "n": b64url_encode(n), "e": b64url_encode(e)}
-            point = key.public_key().public_numbers()
-            x, y = _int_bytes(point.x, _SIZES[self.crv]), _int_bytes(point.y, _SIZES[self.crv])
-        return {"kty": "EC", "crv": self.crv, "alg": _ECDH, "x": b64url_encode(x), "y": b64url_encode(y)}
-
-    def private_pem(self) -> bytes:
-        """PEM as the reference `tee_keypair`: PKCS#8 for EC, PKCS#1 for RSA. This is secret material."""
-        key = self.private_key
-        if isinstance(key, libcrypto.P256Key):
-            return _p256_pkcs8_pem(key.private_scalar(), *key.public_point())
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        fmt = (
-            serialization.PrivateFormat.TraditionalOpenSSL
-            if isinstance(key, rsa.RSAPrivateKey)
-            else serialization.PrivateFormat.PKCS8
-        )
-        return key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-
-    def __repr__(self) -> str:
-        return f"TeeKeyPair({self.algorithm.value}, <private key>)"
 
 
 def _concat_kdf(z: bytes, header: dict[str, Any]) -> bytes:
@@ -200,42 +62,22 @@ def _point(jwk: object, crv: str) -> tuple[bytes, bytes]:
         msg = "epk does not match the key"
         raise ValueError(msg)
     x, y = _b64(jwk.get("x"), "x"), _b64(jwk.get("y"), "y")
-    if len(x) != _SIZES[crv] or len(y) != _SIZES[crv]:
+    if len(x) != SIZES[crv] or len(y) != SIZES[crv]:
         msg = "epk coordinates have the wrong length"
         raise ValueError(msg)
     return x, y
 
 
-def _pyca_public(crv: str, x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    numbers = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), _curve(crv))
-    return numbers.public_key()  # validates the point is on the curve
-
-
-def _ecdh(key: libcrypto.P256Key | ec.EllipticCurvePrivateKey, crv: str, x: bytes, y: bytes) -> bytes:
-    """The ECDH shared secret with the peer point (x, y); `ValueError` if it is not on the curve."""
-    if isinstance(key, libcrypto.P256Key):
-        return key.exchange(x, y)
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return key.exchange(ec.ECDH(), _pyca_public(crv, x, y))
-
-
 def _cek(keypair: TeeKeyPair, header: dict[str, Any], encrypted_key: bytes) -> bytes:
     """The content-encryption key: RSA-OAEP-256 decryption, or ECDH-ES with the header's `epk` and A256KW unwrap."""
-    key = keypair.private_key
-    if not isinstance(key, libcrypto.P256Key):
-        from cryptography.hazmat.primitives.asymmetric import rsa  # loaded already: the key is pyca's
-
-        if isinstance(key, rsa.RSAPrivateKey):
-            return key.decrypt(encrypted_key, _oaep())
+    if keypair.algorithm is KeyAlgorithm.RSA_OAEP_256:
+        return keypair.decrypt_oaep(encrypted_key)
     x, y = _point(header.get("epk"), keypair.crv)
-    return _unwrap(_concat_kdf(_ecdh(key, keypair.crv, x, y), header), encrypted_key)
+    return _unwrap(_concat_kdf(keypair.exchange(x, y), header), encrypted_key)
 
 
 def _unwrap(kek: bytes, wrapped: bytes) -> bytes:
-    if _native():
+    if native():
         return libcrypto.aes_key_unwrap(kek, wrapped)
     from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
@@ -246,7 +88,7 @@ def _unwrap(kek: bytes, wrapped: bytes) -> bytes:
 
 
 def _wrap(kek: bytes, cek: bytes) -> bytes:
-    if _native():
+    if native():
         return libcrypto.aes_key_wrap(kek, cek)
     from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
@@ -254,7 +96,7 @@ def _wrap(kek: bytes, cek: bytes) -> bytes:
 
 
 def _open(cek: bytes, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
-    if _native():
+    if native():
         return libcrypto.aes_gcm_decrypt(cek, iv, ciphertext, tag, aad)
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -266,7 +108,7 @@ def _open(cek: bytes, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> b
 
 
 def _seal(cek: bytes, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    if _native():
+    if native():
         return libcrypto.aes_gcm_encrypt(cek, iv, plaintext, aad)
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -331,14 +173,14 @@ def encrypt(jwk: dict[str, Any], plaintext: bytes) -> bytes:
         n = int.from_bytes(b64url_decode(jwk["n"], "n", error=ValueError), "big")
         e = int.from_bytes(b64url_decode(jwk["e"], "e", error=ValueError), "big")
         header: dict[str, Any] = {"alg": _RSA_OAEP, "enc": _ENC}
-        encrypted_key = rsa.RSAPublicNumbers(e, n).public_key().encrypt(cek, _oaep())
-    elif kty == "EC" and jwk.get("alg", _ECDH) == _ECDH and isinstance(crv, str) and crv in _SIZES:
+        encrypted_key = rsa.RSAPublicNumbers(e, n).public_key().encrypt(cek, oaep())
+    elif kty == "EC" and jwk.get("alg", _ECDH) == _ECDH and isinstance(crv, str) and crv in SIZES:
         x, y = _point({"kty": "EC", "crv": crv, "x": jwk.get("x"), "y": jwk.get("y")}, crv)
         ephemeral = TeeKeyPair.generate(KeyAlgorithm.EC_P256 if crv == "P-256" else KeyAlgorithm.EC_P521)
         epk = ephemeral.public_jwk()
         header = {"alg": _ECDH, "enc": _ENC}
         header["epk"] = {"crv": crv, "kty": "EC", "x": epk["x"], "y": epk["y"]}
-        z = _ecdh(ephemeral.private_key, crv, x, y)  # type: ignore[arg-type]  # an EC key: generated for a curve
+        z = ephemeral.exchange(x, y)
         encrypted_key = _wrap(_concat_kdf(z, header), cek)
     else:
         msg = "unsupported tee-pubkey algorithm"

@@ -14,6 +14,7 @@ PURE = [
     "errors.py",
     "kbs/jcs.py",
     "kbs/jwe.py",
+    "kbs/teekey.py",
     "kbs/keyalg.py",
     "kbs/protocol.py",
     "kbs/resource.py",

@@ -23,7 +23,8 @@ from jwcrypto import jwk as jw_jwk
 
 from agent import libcrypto
 from agent.errors import DecryptionError
-from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, _p256_pkcs8_parts, decrypt, encrypt
+from agent.kbs.jwe import KeyAlgorithm, TeeKeyPair, decrypt, encrypt
+from agent.kbs.teekey import _p256_pkcs8_parts
 from agent.strictjson import b64url_decode as _strict_b64url_decode
 from agent.strictjson import b64url_encode
 
@@ -259,6 +260,17 @@ class TestKeys:
         pem = b"-----BEGIN PRIVATE KEY-----\n" + body + b"\n-----END PRIVATE KEY-----\n"
         with pytest.raises(ValueError):  # libcrypto and pyca word it differently
             TeeKeyPair.from_pem(pem)
+
+    def test_each_key_does_only_its_own_operation(self, keypair: TeeKeyPair) -> None:
+        other = keypair.public_jwk()
+        if keypair.algorithm is KeyAlgorithm.RSA_OAEP_256:
+            with pytest.raises(ValueError, match="an RSA key has no ECDH"):
+                keypair.exchange(b"\x01" * 32, b"\x02" * 32)
+        else:
+            with pytest.raises(ValueError, match="an EC key has no RSA-OAEP"):
+                keypair.decrypt_oaep(b"\x00" * 256)
+            x, y = b64url_decode(other["x"]), b64url_decode(other["y"])
+            assert len(keypair.exchange(x, y)) == len(x)  # ECDH with its own public point works
 
     def test_repr_hides_key(self, keypair: TeeKeyPair) -> None:
         assert "PRIVATE" not in repr(keypair)
