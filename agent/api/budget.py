@@ -46,6 +46,8 @@ import asyncio
 from collections import deque
 from typing import Final
 
+from agent.api.status import ReplyRefused, StatusCode
+
 __all__ = ["DEFAULT_REPLY_BUDGET", "EXEMPT_REPLY_BYTES", "Charge", "HandlerSlots", "ReplyBudget", "Slot"]
 
 DEFAULT_REPLY_BUDGET: Final = 32 * 1024 * 1024
@@ -159,6 +161,27 @@ class ReplyBudget:
             self.refused += 1
             return None
         return Charge(self, size)  # granted by `_wake`, which has charged it
+
+    async def charge_reply(self, size: int, reserved: Charge | None = None) -> Charge | None:
+        """Charge a reply of `size` bytes whose call reserved `reserved` before its handler ran (taken over).
+
+        The reservation shrinks to the reply if the reply fits in it; otherwise it is given back first and the
+        reply is charged as `charge` does. None if refused.
+        """
+        if reserved is not None and size <= reserved.size:
+            reserved.shrink_to(size)
+            return reserved
+        if reserved is not None:
+            reserved.release()
+        return await self.charge(size)
+
+    def refusal(self, size: int) -> ReplyRefused:
+        """What gRPC and ttRPC answer for a reply (or reservation) of `size` bytes this budget refused."""
+        msg = (
+            f"reply is {size} bytes and the {self.limit_bytes}-byte reply budget is held by replies waiting for"
+            " their readers; try again"
+        )
+        return ReplyRefused(StatusCode.RESOURCE_EXHAUSTED, msg, length=size, limit=self.limit_bytes, held=self.held)
 
     def _give_back(self, size: int) -> None:
         self.held -= size

@@ -105,13 +105,6 @@ class _Handlers:
         return self._slots
 
 
-def _refused(size: int, budget: ReplyBudget) -> str:
-    return (
-        f"reply is {size} bytes and the {budget.limit_bytes}-byte reply budget is held by replies waiting for"
-        " their readers; try again"
-    )
-
-
 def _handler(method: Method, handlers: _Handlers, budget: ReplyBudget) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def behaviour(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         remaining: float | None = context.time_remaining()  # None without a deadline (typed float)
@@ -124,35 +117,42 @@ def _handler(method: Method, handlers: _Handlers, budget: ReplyBudget) -> grpc.R
         except TimeoutError:
             text = f"more than {handlers.limit} calls in progress for {handlers.wait_s:g} s"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
-        if started_call is None:
-            expected = slots.reply_size(method.path)
-            log.warning("grpc.reply.refused", rpc=method.path, code="RESOURCE_EXHAUSTED", length=expected)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refused(expected, budget))
+        if started_call is None:  # refused before any work: the Method is not called, this is the call's line
+            refusal = budget.refusal(slots.reply_size(method.path))
+            log.warning("grpc.reply.refused", rpc=method.path, code=refusal.code.name, **refusal.fields)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message)
         slot, reserved = started_call
+        charged: list[Charge] = []
+
+        async def admit(size: int) -> None:
+            """Before the call's log line: charge the reply to the budget, or refuse it (`ReplyRefused`)."""
+            nonlocal reserved
+            slot.release()  # what follows waits for the budget and the peer, not for the agent
+            slots.made(method.path, size)
+            taken, reserved = reserved, None
+            charge = await budget.charge_reply(size, taken)
+            if charge is None:
+                raise budget.refusal(size)  # the reply is dropped with this call
+            charged.append(charge)
+
         try:
             try:
-                reply = await method.invoke(request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
+                reply = await method.invoke(
+                    request, transport="grpc", deadline=deadline, reply_limit=_REPLY_LIMIT, admit=admit
+                )
             except RpcError as exc:
                 await context.abort(_GRPC_CODES[int(exc.code)], exc.message)
                 raise  # pragma: no cover - abort raises
-            finally:
-                slot.release()  # what follows waits for the budget and the peer, not for the agent
-            del request
-            slots.made(method.path, len(reply))
-            charge: Charge | None
-            if reserved is not None and len(reply) <= reserved.size:
-                reserved.shrink_to(len(reply))
-                charge, reserved = reserved, None
-            else:
-                charge = await budget.charge(len(reply))
-            if charge is None:
-                size = len(reply)
-                del reply
-                log.warning("grpc.reply.refused", rpc=method.path, code="RESOURCE_EXHAUSTED", length=size)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _refused(size, budget))
+        except BaseException:
+            for charge in charged:
+                charge.release()
+            raise
         finally:
+            slot.release()
             if reserved is not None:
                 reserved.release()
+        del request
+        (charge,) = charged
         # gRPC core holds the reply until the peer has taken it or the call ends (the peer is gone)
         context.add_done_callback(lambda _context: charge.release())  # type: ignore[arg-type]  # stub: a class
         return reply

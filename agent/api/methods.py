@@ -1,7 +1,10 @@
 """The RPC method table shared by every transport, and the one error → status mapping. Orchestrator.
 
 Each `Method` decodes the request protobuf, calls a service object, and encodes the response. Transports only
-move bytes: gRPC (`agent.api.grpc_server`) and ttRPC call `Method.invoke(request_bytes)`.
+move bytes: gRPC (`agent.api.grpc_server`) and ttRPC call `Method.invoke(request_bytes)`, and `Method.invoke`
+writes the call's one log line. A transport that may still refuse to send a reply (its message limit, the reply
+budget) says so before that line is written: through `reply_limit` and the `admit` callback, whose
+`ReplyRefused` the line then reports with the code the caller gets.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from agent.api.names import (
     SEALED_SECRET_SERVICE,
     SECURE_MOUNT_SERVICE,
 )
-from agent.api.status import RpcError, StatusCode
+from agent.api.status import ReplyRefused, RpcError, StatusCode
 from agent.log import bind_request, clear_request, get_logger
 from agent.secret import MAX_MESSAGE_CHARS, clip
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:  # each transport loads the generated code of the services it 
 __all__ = [
     "MAX_ERROR_CHARS",
     "Method",
+    "ReplyAdmission",
     "ReplyLimit",
     "build_methods",
     "keyprovider_methods",
@@ -54,6 +58,9 @@ def status_for(error: errors.AgentError) -> StatusCode:
 
 
 Handler = Callable[[Any], Awaitable[Message]]
+ReplyAdmission = Callable[[int], Awaitable[None]]
+"""`admit(size)`: the transport takes a serialized reply of `size` bytes for sending (e.g. charges it to the
+reply budget, waiting for room), or raises `ReplyRefused` with what the caller gets instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,13 +83,16 @@ class Method:
         transport: str,
         deadline: float | None = None,
         reply_limit: ReplyLimit | None = None,
+        admit: ReplyAdmission | None = None,
     ) -> bytes:
         """Decode, run, encode; every failure becomes an `RpcError` with a caller-safe message.
 
         Logs exactly one line per call with the status the caller gets: `rpc` (OK or an expected error) or
         `rpc.crash` (an agent bug: type, safe message and positions only). `deadline` (`time.monotonic()`) tells
         a cancellation by the caller's deadline (DEADLINE_EXCEEDED) from any other (CANCELLED); `reply_limit`
-        is the transport's largest reply and the error it answers for a larger one.
+        is the transport's largest reply and the error it answers for a larger one; `admit` is awaited with the
+        size of a reply within that limit before the line is written, so that a reply the transport refuses
+        (`ReplyRefused`) is logged once, as refused, with its `length` and what refused it.
         """
         bind_request(rpc=self.path, request_id=os.urandom(6).hex(), transport=transport)
         started = time.monotonic()
@@ -107,26 +117,40 @@ class Method:
                 raise RpcError(StatusCode.INTERNAL, f"internal error in {self.name}") from exc
             reply = response.SerializeToString()
             if reply_limit is not None and len(reply) > reply_limit.max_bytes:
-                raise reply_limit.error(len(reply))
+                error = reply_limit.error(len(reply))
+                raise ReplyRefused(error.code, error.message, length=len(reply), limit=reply_limit.max_bytes)
+            if admit is not None:
+                await admit(len(reply))
         except RpcError as exc:
             code = exc.code
             fields.setdefault("message", exc.message)
+            if isinstance(exc, ReplyRefused):
+                fields.update(exc.fields)
             raise
         except asyncio.CancelledError:
             late = deadline is not None and time.monotonic() >= deadline
             code = StatusCode.DEADLINE_EXCEEDED if late else StatusCode.CANCELLED
             raise
+        except Exception as exc:  # a bug outside the handler (e.g. in `admit`): both transports answer UNKNOWN
+            crash, code = exc, StatusCode.UNKNOWN
+            raise
         else:
             return reply
         finally:
-            duration_ms = round((time.monotonic() - started) * 1000, 2)
-            if crash is not None:
-                log.error("rpc.crash", code=code.name, duration_ms=duration_ms, exc_info=crash)
-            elif code is StatusCode.OK:
-                log.info("rpc", code=code.name, duration_ms=duration_ms)
-            else:
-                log.warning("rpc", code=code.name, duration_ms=duration_ms, **fields)
+            _log_call(code, time.monotonic() - started, fields, crash)
             clear_request()
+
+
+def _log_call(code: StatusCode, duration_s: float, fields: dict[str, object], crash: BaseException | None) -> None:
+    """The one line of a call (its request fields are bound): `rpc` at info if OK, else at warning with `fields`;
+    `rpc.crash` at error for an agent bug."""
+    duration_ms = round(duration_s * 1000, 2)
+    if crash is not None:
+        log.error("rpc.crash", code=code.name, duration_ms=duration_ms, exc_info=crash)
+    elif code is StatusCode.OK:
+        log.info("rpc", code=code.name, duration_ms=duration_ms)
+    else:
+        log.warning("rpc", code=code.name, duration_ms=duration_ms, **fields)
 
 
 @dataclass(frozen=True, slots=True)

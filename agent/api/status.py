@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["RpcError", "StatusCode"]
+__all__ = ["ReplyRefused", "RpcError", "StatusCode"]
 
 
 class StatusCode(enum.IntEnum):
@@ -43,3 +43,21 @@ class RpcError(Exception):
 
     def __repr__(self) -> str:
         return f"RpcError({self.code.name}, {self.message!r})"
+
+
+class ReplyRefused(RpcError):
+    """A reply made but not sent: over the transport's message limit, or refused by the reply budget.
+
+    The caller gets `code` and `message`; `fields` are for the call's one log line: `length` (the refused
+    reply's bytes) and what refused it: `limit` (the message limit or the budget's size) and, for the
+    budget, `held` (the bytes it held when it refused).
+    """
+
+    def __init__(self, code: StatusCode, message: str, *, length: int, limit: int, held: int | None = None) -> None:
+        super().__init__(code, message)
+        self.fields: dict[str, int] = {"length": length, "limit": limit}
+        if held is not None:
+            self.fields["held"] = held
+
+    def __repr__(self) -> str:
+        return f"ReplyRefused({self.code.name}, {self.message!r}, {self.fields!r})"

@@ -83,7 +83,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from agent.api.budget import Charge, HandlerSlots, ReplyBudget
+from agent.api.budget import Charge, HandlerSlots, ReplyBudget, Slot
 from agent.api.sockets import prepare_socket_path
 from agent.api.status import RpcError, StatusCode
 from agent.api.ttrpc_frame import (
@@ -102,6 +102,7 @@ from agent.api.ttrpc_frame import (
 )
 
 __all__ = [
+    "REPLY_ADMISSION",
     "REQUEST_DEADLINE",
     "CallHook",
     "ErrorHook",
@@ -128,6 +129,13 @@ EventHook = Callable[[str, Mapping[str, object]], None]
 UNKNOWN_ERROR_MESSAGE: Final = "internal error"
 REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("ttrpc_deadline", default=None)
 """The `time.monotonic()` deadline of the request a handler is serving (None: the caller set none)."""
+REPLY_ADMISSION: contextvars.ContextVar[Callable[[int], Awaitable[None]] | None] = contextvars.ContextVar(
+    "ttrpc_reply_admission", default=None
+)
+"""For the handler serving a request: `admit(payload_size)` charges its OK reply to the reply budget before the
+handler returns, or raises `ReplyRefused` (the answer it is then to give), so that the handler can log what the
+caller gets. A handler that does not call it has its reply charged when it is written, and a refused one
+replaced by RESOURCE_EXHAUSTED. The request's deadline stops once it is called: it bounds the handler's work."""
 _READ_CHUNK: Final = 64 * 1024
 _LISTEN_BACKLOG: Final = 64
 _QUOTE_LIMIT: Final = 200
@@ -354,14 +362,18 @@ class TtrpcServer:
         finally:
             self._waiting -= 1
 
-    async def invoke(self, request: RpcRequest) -> RpcResponse:
-        """Route one decoded request to its handler and build the response (no framing)."""
+    async def invoke(self, request: RpcRequest, call: _Call | None = None) -> RpcResponse:
+        """Route one decoded request to its handler and build the response (no framing); `call` is the
+        request's hold on the reply budget, offered to the handler as `REPLY_ADMISSION`."""
         handler = self._route(request.service, request.method)
         if isinstance(handler, RpcResponse):
             return handler
         seconds = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         deadline = asyncio.timeout(seconds)
         REQUEST_DEADLINE.set(time.monotonic() + seconds if seconds is not None else None)
+        if call is not None:
+            call.deadline = deadline
+        REPLY_ADMISSION.set(call.admit if call is not None else None)
         try:
             async with deadline:
                 payload = await handler(request.payload)
@@ -407,11 +419,64 @@ def _status(code: StatusCode, message: str) -> RpcResponse:
     return RpcResponse(code=code, message=message)
 
 
-def _refused_message(size: int, budget: ReplyBudget) -> str:
-    return (
-        f"reply is {size} bytes and the {budget.limit_bytes}-byte reply budget is held by replies waiting for"
-        " their readers; try again"
-    )
+def _reply_bound(payload_size: int, message: str = "") -> int:
+    """At least the encoded size of a `ttrpc.Response` with this payload size and message: what is charged."""
+    return payload_size + len(message) * 4 + _FRAMING
+
+
+class _Call:
+    """A dispatched request's hold on the server: its handler slot and reply reservation while its handler
+    runs, then its reply's charge to the reply budget until the reply is written.
+
+    `admit` (the request's `REPLY_ADMISSION`) charges the reply or refuses it; a reply its handler did not
+    admit is charged by `take` when it is written. Every part is given back by `release()` (idempotent).
+    """
+
+    __slots__ = ("_budget", "_path", "_reserved", "_slot", "_slots", "charge", "deadline")
+
+    def __init__(
+        self, slots: HandlerSlots, budget: ReplyBudget, path: str, slot: Slot, reserved: Charge | None
+    ) -> None:
+        self._slots = slots
+        self._budget = budget
+        self._path = path  # "" for a method that is not served: never recorded as heavy
+        self._slot: Slot | None = slot
+        self._reserved = reserved
+        self.deadline: asyncio.Timeout | None = None
+        self.charge: Charge | None = None
+        """The admitted reply's charge, until the connection takes it over to write the reply."""
+
+    def handled(self, payload_size: int) -> None:
+        """The handler is done with a reply of `payload_size` bytes: free its slot, record the size."""
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()  # what follows waits for the budget and the peer, not for the agent
+            if self._path:
+                self._slots.made(self._path, payload_size)
+
+    async def admit(self, payload_size: int) -> None:
+        """Charge the handler's OK reply of `payload_size` bytes; raises `ReplyRefused` if the budget refuses it."""
+        if self.deadline is not None and not self.deadline.expired():
+            self.deadline.reschedule(None)  # the handler's work is done; the wait for budget has its own bound
+        self.handled(payload_size)
+        size = _reply_bound(payload_size)
+        charge = await self.take(size)
+        if charge is None:
+            raise self._budget.refusal(size)
+        self.charge = charge
+
+    async def take(self, size: int) -> Charge | None:
+        """Charge a reply of `size` bytes, using the reservation (see `ReplyBudget.charge_reply`); None if refused."""
+        reserved, self._reserved = self._reserved, None
+        return await self._budget.charge_reply(size, reserved)
+
+    def release(self) -> None:
+        slot, self._slot = self._slot, None
+        reserved, self._reserved = self._reserved, None
+        charge, self.charge = self.charge, None
+        for held in (slot, reserved, charge):
+            if held is not None:
+                held.release()
 
 
 def _code_of(raw: int) -> StatusCode:
@@ -634,7 +699,7 @@ class _ServerConnection:
         started = time.monotonic()
         service = method = ""
         code = StatusCode.CANCELLED
-        reserved: Charge | None = None
+        call: _Call | None = None
         try:
             if isinstance(request, MalformedMessageError):
                 response = _status(StatusCode.INVALID_ARGUMENT, str(request))
@@ -646,55 +711,48 @@ class _ServerConnection:
                 # a heavy method's call reserves room for its reply before any work (see agent.api.budget)
                 started_call = await slots.start(path if served else "", budget, framing=_FRAMING)
                 if started_call is None:
-                    expected = slots.reply_size(path)
-                    self._server._event("ttrpc.reply.refused", stream_id=stream_id, length=expected, held=budget.held)
-                    response = _status(StatusCode.RESOURCE_EXHAUSTED, _refused_message(expected, budget))
+                    refusal = budget.refusal(slots.reply_size(path))
+                    self._server._event("ttrpc.reply.refused", stream_id=stream_id, **refusal.fields)
+                    response = _status(refusal.code, refusal.message)
                 else:
-                    slot, reserved = started_call
-                    try:
-                        if self._writer.is_closing():
-                            return  # the peer left while this call waited: no work for nobody
-                        response = await self._server.invoke(request)
-                    finally:
-                        slot.release()  # what follows waits for the budget and the peer
-                    if served:
-                        slots.made(path, len(response.payload))
+                    call = _Call(slots, budget, path if served else "", *started_call)
+                    if self._writer.is_closing():
+                        return  # the peer left while this call waited: no work for nobody
+                    response = await self._server.invoke(request, call)
+                    call.handled(len(response.payload))
                 del request
             held = [response]
             del response  # `_send_response` drops it once encoded: nothing else may keep the payload alive
-            code = await self._send_response(stream_id, held, reserved)
-            reserved = None
+            code = await self._send_response(stream_id, held, call)
         finally:
-            if reserved is not None:
-                reserved.release()
+            if call is not None:
+                call.release()
             self._server._report_call(service, method, code, time.monotonic() - started)
 
     async def _send_response(
-        self, stream_id: int, response: RpcResponse | list[RpcResponse], reserved: Charge | None = None
+        self, stream_id: int, response: RpcResponse | list[RpcResponse], call: _Call | None = None
     ) -> StatusCode:
         """Charge `response` to the reply budget, then frame and write it; returns the status code sent.
 
-        A reply the budget refuses is replaced by RESOURCE_EXHAUSTED. `reserved` (taken over) is what was
-        reserved for it before its handler ran; it is shrunk to the reply, or replaced if too small. Replies
-        are written one at a time, each once the peer has taken the previous one; the charge is given back
-        when the peer has taken it too, or the connection is gone. Given in a one-element list, the response
-        is taken out of it, so that once encoded the payload is held only by the bytes being written.
+        The charge is the one `call` (the request's, if any) admitted for it, else taken now (using what `call`
+        reserved); a reply the budget refuses now is replaced by RESOURCE_EXHAUSTED. Replies are written one at
+        a time, each once the peer has taken the previous one; the charge is given back when the peer has taken
+        it too, or the connection is gone. Given in a one-element list, the response is taken out of it, so
+        that once encoded the payload is held only by the bytes being written.
         """
         if isinstance(response, list):
             response = response.pop()
-        size = len(response.payload) + len(response.message) * 4 + _FRAMING  # ≥ the encoded size
+        size = _reply_bound(len(response.payload), response.message)
         budget = self._server.reply_budget
         charge: Charge | None
-        if reserved is not None and size <= reserved.size:
-            reserved.shrink_to(size)
-            charge = reserved
+        if call is not None and call.charge is not None:
+            charge, call.charge = call.charge, None
         else:
-            if reserved is not None:
-                reserved.release()
-            charge = await budget.charge(size)
+            charge = await (call.take(size) if call is not None else budget.charge(size))
         if charge is None:
-            self._server._event("ttrpc.reply.refused", stream_id=stream_id, length=size, held=budget.held)
-            response = _status(StatusCode.RESOURCE_EXHAUSTED, _refused_message(size, budget))
+            refusal = budget.refusal(size)
+            self._server._event("ttrpc.reply.refused", stream_id=stream_id, **refusal.fields)
+            response = _status(refusal.code, refusal.message)
             charge = Charge(None, 0)
         held = [response]
         del response  # `_write_response` drops it once encoded

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from agent.api.budget import ReplyBudget
 from agent.api.methods import Method, ReplyLimit
 from agent.api.status import RpcError, StatusCode
-from agent.api.ttrpc import REQUEST_DEADLINE, TtrpcServer, UnaryHandler
+from agent.api.ttrpc import REPLY_ADMISSION, REQUEST_DEADLINE, TtrpcServer, UnaryHandler
 from agent.api.ttrpc_frame import MAX_DATA
 from agent.log import get_logger
 from agent.secret import clip
@@ -50,8 +50,8 @@ _REPLY_LIMIT = ReplyLimit(
 
 def _handler(method: Method) -> UnaryHandler:
     async def handle(payload: bytes) -> bytes:
-        deadline = REQUEST_DEADLINE.get()
-        return await method.invoke(payload, transport="ttrpc", deadline=deadline, reply_limit=_REPLY_LIMIT)
+        deadline, admit = REQUEST_DEADLINE.get(), REPLY_ADMISSION.get()
+        return await method.invoke(payload, transport="ttrpc", deadline=deadline, reply_limit=_REPLY_LIMIT, admit=admit)
 
     return handle
 
@@ -83,7 +83,7 @@ def build_ttrpc_server(
 
     def on_event(event: str, fields: Mapping[str, object]) -> None:
         values = {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)}
-        if event == "ttrpc.reply.refused":  # the call was logged OK by its Method; this is what the caller got
+        if event == "ttrpc.reply.refused":  # refused before its handler ran: the Method was never called
             log.warning(event, code="RESOURCE_EXHAUSTED", **values)
         else:
             log.info(event, **values)

@@ -332,15 +332,19 @@ async def _serve_admitted(
         log_crash("rest.crash", exc, method=method, path=_path_of(target))
         reply = _text(500, "internal error")
     conn.waiting_since = time.monotonic()  # a reply waiting for budget may make room for a new connection
-    charge = await budget.charge(len(reply.body)) if budget is not None else Charge(None, 0)
-    if charge is None:
-        log.warning("rest.reply.refused", method=method, path=_path_of(target), length=len(reply.body))
-        reply = _text(503, _refused(len(reply.body), budget))
-        charge = Charge(None, 0)
+    charge = Charge(None, 0)
+    refused: dict[str, int] = {}  # for the request's one line: what the budget refused
+    if budget is not None:
+        taken = await budget.charge(len(reply.body))
+        if taken is None:
+            refused = {"length": len(reply.body), "limit": budget.limit_bytes, "held": budget.held}
+            reply = _text(503, _refused(len(reply.body), budget))
+        else:
+            charge = taken
     held = [reply]
     del reply  # `_write_reply` drops it once written: the transport's buffer is then the only copy
     try:
-        await _write_reply(writer, conn, held, method, target)
+        await _write_reply(writer, conn, held, method, target, refused=refused)
     finally:
         charge.release()
 
@@ -351,8 +355,16 @@ def _refused(size: int, budget: ReplyBudget | None) -> str:
 
 
 async def _write_reply(
-    writer: asyncio.StreamWriter, conn: _Connection, held: list[Reply], method: str, target: str
+    writer: asyncio.StreamWriter,
+    conn: _Connection,
+    held: list[Reply],
+    method: str,
+    target: str,
+    *,
+    refused: dict[str, int] | None = None,
 ) -> None:
+    """Write the reply and log the request's one line: `rest.request` (at warning with `refused`, the figures
+    of a reply the budget refused, which `held` replaced), or `rest.write_timeout` for a peer that did not read."""
     reply = held.pop()
     status = reply.status
     status_line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
@@ -369,11 +381,14 @@ async def _write_reply(
             await writer.drain()
     except TimeoutError:
         writer.transport.abort()  # a peer that does not read its reply
-        log.warning("rest.write_timeout", method=method, path=_path_of(target), status=status)
+        log.warning("rest.write_timeout", method=method, path=_path_of(target), status=status, **(refused or {}))
         return
     except OSError:
         pass
-    log.info("rest.request", method=method, path=_path_of(target), status=status)
+    if refused:
+        log.warning("rest.request", method=method, path=_path_of(target), status=status, **refused)
+    else:
+        log.info("rest.request", method=method, path=_path_of(target), status=status)
 
 
 def _path_of(target: str) -> str:

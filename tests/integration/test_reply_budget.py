@@ -11,8 +11,9 @@ import pytest
 
 from agent.api.budget import ReplyBudget
 from agent.api.status import RpcError, StatusCode
-from agent.api.ttrpc import TtrpcClient, TtrpcServer
+from agent.api.ttrpc import REPLY_ADMISSION, TtrpcClient, TtrpcServer
 from agent.api.ttrpc_frame import MessageType, RpcRequest, encode_frame
+from tests.integration.test_ttrpc_server import RawPeer
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +98,73 @@ async def test_a_non_reader_holds_budget_and_others_are_refused_or_served(served
         assert served.budget.held == 0
     finally:
         attacker.close()
+
+
+RAW_SVC = "test.TestService"  # the service `RawPeer` calls
+
+
+async def admitted(payload: bytes) -> bytes:
+    """A reply of the size in the payload, admitted by the handler (as `Method.invoke` does) before it returns."""
+    reply = bytes(int(payload))
+    admit = REPLY_ADMISSION.get()
+    assert admit is not None
+    await admit(len(reply))
+    return reply
+
+
+@pytest.fixture
+async def admitting(tmp_path: Path) -> AsyncIterator[tuple[TtrpcServer, RawPeer, list[tuple[str, object]]]]:
+    budget = ReplyBudget(REPLY + 2 * MIB, wait_s=2.0)
+    events: list[tuple[str, object]] = []
+    server = TtrpcServer(
+        {RAW_SVC: {"Admitted": admitted}},
+        reply_budget=budget,
+        on_call=lambda _s, method, code, _d: events.append((method, code)),
+        on_event=lambda event, fields: events.append((event, dict(fields))),
+    )
+    path = str(tmp_path / "s" / "admit.sock")
+    await server.start(path)
+    peer = await RawPeer.open(path)
+    try:
+        yield server, peer, events
+    finally:
+        await peer.close()
+        await server.close(grace_s=1)
+
+
+async def test_a_reply_admitted_by_its_handler_is_charged_once_and_written(
+    admitting: tuple[TtrpcServer, RawPeer, list[tuple[str, object]]],
+) -> None:
+    server, peer, events = admitting
+    budget = server.reply_budget
+    full = await budget.charge(budget.limit_bytes)
+    assert full is not None
+    # the request's deadline (0.2 s) bounds the handler's work, not the wait for budget that follows it
+    await peer.request(1, "Admitted", b"100000", timeout_nano=200_000_000)
+    await asyncio.sleep(0.5)
+    assert budget.waiting == 100000 + 32
+    full.release()
+    stream_id, response = await peer.recv_response()
+    assert (stream_id, response.code, len(response.payload)) == (1, StatusCode.OK, 100000)
+    await wait_until(lambda: budget.held == 0)
+    assert events == [("Admitted", StatusCode.OK)]
+
+
+async def test_a_reply_refused_at_admission_is_answered_as_the_handler_was_told(
+    admitting: tuple[TtrpcServer, RawPeer, list[tuple[str, object]]],
+) -> None:
+    server, peer, events = admitting
+    budget = server.reply_budget
+    budget.wait_s = 0
+    full = await budget.charge(budget.limit_bytes)
+    assert full is not None
+    try:
+        await peer.request(1, "Admitted", b"100000")
+        stream_id, response = await peer.recv_response()
+    finally:
+        full.release()
+    assert (stream_id, response.code) == (1, StatusCode.RESOURCE_EXHAUSTED)
+    assert response.message == budget.refusal(100000 + 32).message
+    await wait_until(lambda: len(events) == 1)
+    assert events == [("Admitted", StatusCode.RESOURCE_EXHAUSTED)]  # no `ttrpc.reply.refused`: the handler said it
+    assert budget.held == 0

@@ -1,8 +1,9 @@
 """Every RPC outcome is logged once with the status the caller got (issue 9, item 9), on gRPC and ttRPC.
 
 A reply over the transport's limit (gRPC: RESOURCE_EXHAUSTED; ttRPC: the reference's INVALID_ARGUMENT
-"message length ... exceed ..."), a call whose deadline passes (DEADLINE_EXCEEDED) and a call the client
-abandons (CANCELLED) are each one `rpc` line with that code, never `OK`.
+"message length ... exceed ..."), a reply the reply budget refuses after its handler ran (RESOURCE_EXHAUSTED;
+REST: 503), a call whose deadline passes (DEADLINE_EXCEEDED) and a call the client abandons (CANCELLED) are
+each one `rpc` line (REST: `rest.request`) with that code, never `OK`, and never a second line.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from google.protobuf.message import Message
 
 from agent import log as agent_log
 from agent.api._gen import api_pb2
+from agent.api.budget import ReplyBudget
 from agent.api.grpc_server import GrpcServer
 from agent.api.methods import Method
 from agent.api.status import RpcError, StatusCode
@@ -34,10 +36,17 @@ pytestmark = pytest.mark.integration
 
 SVC = "test.Status"
 FIVE_MIB = 5 * 1024 * 1024
+LARGE = 100 * 1024
+"""Over the 64 KiB that replies may have without being charged to the reply budget."""
+LARGE_REPLY = api_pb2.GetResourceResponse(Resource=b"r" * LARGE).SerializeToString()
 
 
 async def big(_request: Any) -> Message:
     return api_pb2.GetResourceResponse(Resource=b"r" * FIVE_MIB)
+
+
+async def large(_request: Any) -> Message:
+    return api_pb2.GetResourceResponse.FromString(LARGE_REPLY)
 
 
 async def slow(_request: Any) -> Message:
@@ -47,6 +56,7 @@ async def slow(_request: Any) -> Message:
 
 METHODS = [
     Method(SVC, "Big", api_pb2.GetResourceRequest, big),
+    Method(SVC, "Large", api_pb2.GetResourceRequest, large),
     Method(SVC, "Slow", api_pb2.GetResourceRequest, slow),
 ]
 
@@ -56,12 +66,17 @@ class Servers:
         self.grpc_socket = str(root / "g.sock")
         self.ttrpc_socket = str(root / "t.sock")
         self.stream = stream
-        self.grpc = GrpcServer(METHODS, [ListenAddress(unix_path=self.grpc_socket)])
-        self.ttrpc: TtrpcServer = build_ttrpc_server(METHODS)
+        self.budget = ReplyBudget(wait_s=0)  # shared, as in the daemon; a reply that finds it full is refused
+        self.grpc = GrpcServer(METHODS, [ListenAddress(unix_path=self.grpc_socket)], reply_budget=self.budget)
+        self.ttrpc: TtrpcServer = build_ttrpc_server(METHODS, reply_budget=self.budget)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
 
     def rpc_lines(self, name: str) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.stream.getvalue().splitlines()]
-        return [line for line in lines if line["event"] in ("rpc", "rpc.crash") and line["rpc"] == f"/{SVC}/{name}"]
+        return [
+            line for line in self.lines() if line["event"] in ("rpc", "rpc.crash") and line["rpc"] == f"/{SVC}/{name}"
+        ]
 
 
 @pytest.fixture
@@ -135,6 +150,138 @@ async def test_deadline_and_cancellation(servers: Servers) -> None:
         ("grpc", "CANCELLED"),
         ("ttrpc", "DEADLINE_EXCEEDED"),
         ("ttrpc", "CANCELLED"),
+    ]
+
+
+def refused_text(size: int, budget: ReplyBudget) -> str:
+    return (
+        f"reply is {size} bytes and the {budget.limit_bytes}-byte reply budget is held by replies waiting for"
+        " their readers; try again"
+    )
+
+
+async def call_large(servers: Servers) -> tuple[tuple[str, str], tuple[str, str]]:
+    """Large on gRPC then on ttRPC: (code, message) of each, "OK" with the reply's size if it came."""
+    async with grpc.aio.insecure_channel(f"unix:{servers.grpc_socket}") as channel:
+        stub: Any = channel.unary_unary(f"/{SVC}/Large")
+        try:
+            grpc_outcome = ("OK", str(len(await stub(b"", timeout=10))))
+        except grpc.aio.AioRpcError as exc:
+            grpc_outcome = (exc.code().name, exc.details() or "")
+    async with TtrpcClient(servers.ttrpc_socket) as client:
+        try:
+            ttrpc_outcome = ("OK", str(len(await client.call(SVC, "Large", b"", timeout=10))))
+        except RpcError as exc:
+            ttrpc_outcome = (exc.code.name, exc.message)
+    return grpc_outcome, ttrpc_outcome
+
+
+async def test_a_reply_the_budget_refuses_is_one_line_saying_so(servers: Servers) -> None:
+    budget = servers.budget
+    full = await budget.charge(budget.limit_bytes)  # as if peers that do not read held every byte
+    assert full is not None
+    try:
+        outcomes = await call_large(servers)
+    finally:
+        full.release()
+    ttrpc_size = len(LARGE_REPLY) + 32  # what the ttRPC server charges: the payload and a bound on its framing
+    assert outcomes == (
+        ("RESOURCE_EXHAUSTED", refused_text(len(LARGE_REPLY), budget)),
+        ("RESOURCE_EXHAUSTED", refused_text(ttrpc_size, budget)),
+    )
+    lines = await settle(servers, "Large", 2)
+    assert servers.lines() == lines  # the call's line is the only line: no `code=OK` one, no refusal event
+    for line in lines:
+        assert line["request_id"]
+        assert line["duration_ms"] >= 0
+    assert [
+        (line["level"], line["transport"], line["code"], line["length"], line["limit"], line["held"]) for line in lines
+    ] == [
+        ("warning", "grpc", "RESOURCE_EXHAUSTED", len(LARGE_REPLY), budget.limit_bytes, budget.limit_bytes),
+        ("warning", "ttrpc", "RESOURCE_EXHAUSTED", ttrpc_size, budget.limit_bytes, budget.limit_bytes),
+    ]
+    assert [line["message"] for line in lines] == [message for _code, message in outcomes]
+    assert budget.held == 0
+
+
+async def test_a_served_reply_is_one_ok_line(servers: Servers) -> None:
+    assert await call_large(servers) == (("OK", str(len(LARGE_REPLY))), ("OK", str(len(LARGE_REPLY))))
+    lines = await settle(servers, "Large", 2)
+    assert servers.lines() == lines
+    assert [(line["level"], line["transport"], line["code"]) for line in lines] == [
+        ("info", "grpc", "OK"),
+        ("info", "ttrpc", "OK"),
+    ]
+    for line in lines:  # the usual OK line, nothing more
+        assert sorted(line) == ["code", "duration_ms", "event", "level", "request_id", "rpc", "timestamp", "transport"]
+
+
+class _ResourceClient:
+    """Stands in for api-server-rest's ttRPC client: every call answers a `LARGE`-byte resource."""
+
+    async def call(self, *_args: object, **_kwargs: object) -> bytes:
+        return LARGE_REPLY
+
+
+async def rest_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def test_rest_a_reply_the_budget_refuses_is_one_line_saying_so() -> None:
+    from agent.compat.rest import ConnectionLimiter, RestApi, _serve_connection
+
+    stream = io.StringIO()
+    agent_log.configure("info", "json", stream=stream)
+    client: Any = _ResourceClient()
+    api = RestApi(features="all", aa_client=client, cdh_client=client)
+    budget = ReplyBudget(wait_s=0)
+    limiter = ConnectionLimiter(reply_budget=budget)
+    server = await asyncio.start_server(lambda r, w: _serve_connection(api, r, w, limiter), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        full = await budget.charge(budget.limit_bytes)
+        assert full is not None
+        try:
+            refused = await rest_get(port, "/cdh/resource/a/b/c?x=1")
+        finally:
+            full.release()
+        served = await rest_get(port, "/cdh/resource/a/b/c")
+    finally:
+        server.close()
+        await server.wait_closed()
+        structlog.reset_defaults()
+    text = f"reply is {LARGE} bytes and the {budget.limit_bytes}-byte reply budget is held by replies waiting for"
+    assert refused == (503, f"{text} their readers".encode())
+    assert served == (200, b"r" * LARGE)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert lines == [
+        {
+            "event": "rest.request",
+            "level": "warning",
+            "timestamp": lines[0]["timestamp"],
+            "method": "GET",
+            "path": "/cdh/resource/a/b/c",
+            "status": 503,
+            "length": LARGE,
+            "limit": budget.limit_bytes,
+            "held": budget.limit_bytes,
+        },
+        {
+            "event": "rest.request",
+            "level": "info",
+            "timestamp": lines[1]["timestamp"],
+            "method": "GET",
+            "path": "/cdh/resource/a/b/c",
+            "status": 200,
+        },
     ]
 
 

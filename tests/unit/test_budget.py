@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from agent.api.budget import EXEMPT_REPLY_BYTES, HandlerSlots, ReplyBudget
+from agent.api.status import StatusCode
 
 MIB = 1024 * 1024
 
@@ -189,3 +190,36 @@ async def test_a_call_queued_as_light_reserves_once_its_method_turns_heavy() -> 
     started[1].release()
     with pytest.raises(ValueError, match="expected both at least 1"):
         HandlerSlots(0)
+
+
+async def test_a_reply_uses_its_reservation_when_it_fits_and_gives_it_back_when_not() -> None:
+    budget = ReplyBudget(8 * MIB, wait_s=0)
+    reserved = await budget.charge(2 * MIB, reserve=True)
+    assert reserved is not None
+    charge = await budget.charge_reply(MIB, reserved)
+    assert charge is reserved
+    assert budget.held == MIB  # shrunk to the reply
+    charge.release()
+    reserved = await budget.charge(2 * MIB, reserve=True)
+    assert reserved is not None
+    charge = await budget.charge_reply(3 * MIB, reserved)
+    assert charge is not None
+    assert charge is not reserved
+    assert budget.held == 3 * MIB  # the reservation was given back, not held beside the reply
+    charge.release()
+    assert budget.held == 0
+
+
+async def test_a_refused_reply_is_answered_with_its_figures() -> None:
+    budget = ReplyBudget(8 * MIB, wait_s=0)
+    full = await budget.charge(8 * MIB)
+    assert full is not None
+    assert await budget.charge_reply(MIB) is None
+    refusal = budget.refusal(MIB)
+    assert refusal.code is StatusCode.RESOURCE_EXHAUSTED
+    assert refusal.message == (
+        f"reply is {MIB} bytes and the {8 * MIB}-byte reply budget is held by replies waiting for their readers;"
+        " try again"
+    )
+    assert refusal.fields == {"length": MIB, "limit": 8 * MIB, "held": 8 * MIB}
+    full.release()

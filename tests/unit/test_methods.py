@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 import pytest
+from google.protobuf.message import Message
+from structlog.testing import capture_logs
 
 from agent import errors
 from agent.api import methods
-from agent.api.status import RpcError, StatusCode
+from agent.api.status import ReplyRefused, RpcError, StatusCode
 from agent.service import AttestationAgent, DataHub
 from agent.tee.sample import SampleAttester
 
@@ -110,3 +113,80 @@ async def test_runtime_measurement_answers() -> None:
         await disabled.extend_runtime_measurement("d", "o", "two\nlines", None)
     with pytest.raises(errors.InvalidRequest):
         await disabled.extend_runtime_measurement("a domain", "o", "c", None)
+
+
+class TestReplyAdmission:
+    """`Method.invoke` asks the transport to admit the reply before it writes the call's one line."""
+
+    @staticmethod
+    def method(size: int) -> methods.Method:
+        from agent.api._gen import api_pb2
+
+        async def resource(_request: object) -> Message:
+            return api_pb2.GetResourceResponse(Resource=b"r" * size)
+
+        return methods.Method("svc", "Get", api_pb2.GetResourceRequest, resource)
+
+    async def test_an_admitted_reply_is_one_ok_line(self) -> None:
+        admitted: list[int] = []
+
+        async def admit(size: int) -> None:
+            admitted.append(size)
+
+        with capture_logs() as logs:
+            reply = await self.method(100).invoke(b"", transport="test", admit=admit)
+        assert admitted == [len(reply)]
+        assert [(e["event"], e["log_level"], e["code"]) for e in logs] == [("rpc", "info", "OK")]
+
+    async def test_a_refused_reply_is_one_line_with_the_code_the_caller_gets(self) -> None:
+        refusal = ReplyRefused(StatusCode.RESOURCE_EXHAUSTED, "no room", length=105, limit=4096, held=4000)
+
+        async def admit(_size: int) -> None:
+            raise refusal
+
+        with capture_logs() as logs, pytest.raises(ReplyRefused) as info:
+            await self.method(100).invoke(b"", transport="test", admit=admit)
+        assert info.value is refusal
+        [line] = logs
+        del line["duration_ms"]
+        assert line == {
+            "event": "rpc",
+            "log_level": "warning",
+            "code": "RESOURCE_EXHAUSTED",
+            "message": "no room",
+            "length": 105,
+            "limit": 4096,
+            "held": 4000,
+        }
+
+    async def test_a_reply_over_the_limit_is_refused_before_admission(self) -> None:
+        async def admit(_size: int) -> None:
+            pytest.fail("a reply over the message limit was offered to the transport")
+
+        limit = methods.ReplyLimit(64, lambda size: RpcError(StatusCode.RESOURCE_EXHAUSTED, f"{size} > 64"))
+        with capture_logs() as logs, pytest.raises(ReplyRefused) as info:
+            await self.method(100).invoke(b"", transport="test", reply_limit=limit, admit=admit)
+        assert (info.value.code, info.value.message) == (StatusCode.RESOURCE_EXHAUSTED, "102 > 64")
+        assert [(e["event"], e["code"], e["length"], e["limit"]) for e in logs] == [
+            ("rpc", "RESOURCE_EXHAUSTED", 102, 64)
+        ]
+
+    async def test_a_cancelled_admission_is_one_cancelled_line(self) -> None:
+        async def admit(_size: int) -> None:
+            await asyncio.sleep(30)
+
+        with capture_logs() as logs:
+            task = asyncio.create_task(self.method(100).invoke(b"", transport="test", admit=admit))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert [(e["event"], e["code"]) for e in logs] == [("rpc", "CANCELLED")]
+
+    async def test_a_failing_admission_is_one_crash_line(self) -> None:
+        async def admit(_size: int) -> None:
+            raise KeyError
+
+        with capture_logs() as logs, pytest.raises(KeyError):
+            await self.method(100).invoke(b"", transport="test", admit=admit)
+        assert [(e["event"], e["log_level"], e["code"]) for e in logs] == [("rpc.crash", "error", "UNKNOWN")]
