@@ -45,12 +45,11 @@ from collections.abc import Iterable
 import grpc
 import grpc.aio
 
-from agent.api.budget import Charge, HandlerSlots, ReplyBudget
+from agent.api.budget import Charge, HandlerSlots, ReplyBudget, Slot
 from agent.api.methods import Method, ReplyLimit
 from agent.api.sockets import prepare_socket_path, remove_socket, secure_socket
 from agent.api.status import RpcError, StatusCode
 from agent.config import ListenAddress
-from agent.log import get_logger
 
 __all__ = ["MAX_CONNECTIONS", "MAX_HANDLERS", "MAX_MESSAGE_BYTES", "GrpcServer"]
 
@@ -84,8 +83,6 @@ _OPTIONS: list[tuple[str, int]] = [
 ]
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
-log = get_logger("agent.grpc")
-
 
 class _Handlers:
     """At most `limit` handlers at work; a call waits up to `wait_s` for one, then is RESOURCE_EXHAUSTED.
@@ -105,22 +102,29 @@ class _Handlers:
         return self._slots
 
 
+async def _start(method: Method, handlers: _Handlers, budget: ReplyBudget) -> tuple[Slot, Charge | None] | RpcError:
+    """A handler slot for a call of `method`, with the reservation of its reply if the method is heavy (see
+    `agent.api.budget`); or the error to answer when no slot is free in time or the budget has no room."""
+    slots = handlers.slots()
+    try:
+        async with asyncio.timeout(handlers.wait_s):
+            started = await slots.start(method.path, budget)
+    except TimeoutError:
+        text = f"more than {handlers.limit} calls in progress for {handlers.wait_s:g} s"
+        return RpcError(StatusCode.RESOURCE_EXHAUSTED, text)
+    return started if started is not None else budget.refusal(slots.reply_size(method.path))
+
+
 def _handler(method: Method, handlers: _Handlers, budget: ReplyBudget) -> grpc.RpcMethodHandler[bytes, bytes]:
     async def behaviour(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        started = time.monotonic()
         remaining: float | None = context.time_remaining()  # None without a deadline (typed float)
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = started + remaining if remaining is not None else None
         slots = handlers.slots()
-        # a heavy method's call reserves room for its reply before any work (see agent.api.budget)
-        try:
-            async with asyncio.timeout(handlers.wait_s):
-                started_call = await slots.start(method.path, budget)
-        except TimeoutError:
-            text = f"more than {handlers.limit} calls in progress for {handlers.wait_s:g} s"
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
-        if started_call is None:  # refused before any work: the Method is not called, this is the call's line
-            refusal = budget.refusal(slots.reply_size(method.path))
-            log.warning("grpc.reply.refused", rpc=method.path, code=refusal.code.name, **refusal.fields)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message)
+        started_call = await _start(method, handlers, budget)
+        if isinstance(started_call, RpcError):  # no work done: the Method writes the call's line
+            method.refused(started_call, transport="grpc", duration_s=time.monotonic() - started)
+            await context.abort(_GRPC_CODES[int(started_call.code)], started_call.message)
         slot, reserved = started_call
         charged: list[Charge] = []
 

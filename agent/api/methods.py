@@ -123,9 +123,8 @@ class Method:
                 await admit(len(reply))
         except RpcError as exc:
             code = exc.code
-            fields.setdefault("message", exc.message)
-            if isinstance(exc, ReplyRefused):
-                fields.update(exc.fields)
+            for key, value in _error_fields(exc).items():
+                fields.setdefault(key, value)
             raise
         except asyncio.CancelledError:
             late = deadline is not None and time.monotonic() >= deadline
@@ -139,6 +138,23 @@ class Method:
         finally:
             _log_call(code, time.monotonic() - started, fields, crash)
             clear_request()
+
+    def refused(self, error: RpcError, *, transport: str, duration_s: float) -> None:
+        """Write the one line of a call the transport answered `error` before its handler ran (no work done:
+        no handler slot in time, or no room in the reply budget for the reply this method makes)."""
+        bind_request(rpc=self.path, request_id=os.urandom(6).hex(), transport=transport)
+        try:
+            _log_call(error.code, duration_s, _error_fields(error), None)
+        finally:
+            clear_request()
+
+
+def _error_fields(error: RpcError) -> dict[str, object]:
+    """What a call's line says of the error its caller got: the message, and a refused reply's figures."""
+    fields: dict[str, object] = {"message": error.message}
+    if isinstance(error, ReplyRefused):
+        fields.update(error.fields)
+    return fields
 
 
 def _log_call(code: StatusCode, duration_s: float, fields: dict[str, object], crash: BaseException | None) -> None:

@@ -124,7 +124,9 @@ ErrorHook = Callable[[str, str, Exception], None]
 """`on_error(service, method, exc)` for a handler exception that is answered with UNKNOWN."""
 
 EventHook = Callable[[str, Mapping[str, object]], None]
-"""`on_event(event, fields)` for connection-level events (refused connection, protocol violations)."""
+"""`on_event(event, fields)` for connection-level events (refused connection, protocol violations) and replies
+the reply budget refused (`ttrpc.reply.refused`; for a call refused before its handler ran, with its `rpc`,
+`duration_s` and the `error` it was answered)."""
 
 UNKNOWN_ERROR_MESSAGE: Final = "internal error"
 REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("ttrpc_deadline", default=None)
@@ -710,9 +712,17 @@ class _ServerConnection:
                 served = method in self._server._handlers.get(service, {})
                 # a heavy method's call reserves room for its reply before any work (see agent.api.budget)
                 started_call = await slots.start(path if served else "", budget, framing=_FRAMING)
-                if started_call is None:
+                if started_call is None:  # refused before its handler ran: no work done
                     refusal = budget.refusal(slots.reply_size(path))
-                    self._server._event("ttrpc.reply.refused", stream_id=stream_id, **refusal.fields)
+                    waited_s = time.monotonic() - started
+                    self._server._event(
+                        "ttrpc.reply.refused",
+                        stream_id=stream_id,
+                        rpc=path,
+                        duration_s=waited_s,
+                        error=refusal,
+                        **refusal.fields,
+                    )
                     response = _status(refusal.code, refusal.message)
                 else:
                     call = _Call(slots, budget, path if served else "", *started_call)

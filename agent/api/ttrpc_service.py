@@ -65,8 +65,10 @@ def build_ttrpc_server(
     """A `TtrpcServer` for `methods`, logging as the gRPC server does; `reply_budget` may be shared with other
     servers (see `agent.api.budget`)."""
     handlers: dict[str, dict[str, UnaryHandler]] = defaultdict(dict)
+    by_path: dict[str, Method] = {}
     for method in methods:
         handlers[method.service][method.name] = _handler(method)
+        by_path[method.path] = method
 
     def on_call(service: str, method: str, code: StatusCode, duration_s: float) -> None:
         # Calls that reached a Method were logged by it; this is the one line for those that did not
@@ -82,8 +84,13 @@ def build_ttrpc_server(
         )
 
     def on_event(event: str, fields: Mapping[str, object]) -> None:
+        method, error, waited_s = by_path.get(str(fields.get("rpc"))), fields.get("error"), fields.get("duration_s")
+        if method is not None and isinstance(error, RpcError) and isinstance(waited_s, float):
+            # refused before its handler ran: the Method writes the call's line, as for the calls it ran
+            method.refused(error, transport="ttrpc", duration_s=waited_s)
+            return
         values = {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool)}
-        if event == "ttrpc.reply.refused":  # refused before its handler ran: the Method was never called
+        if event == "ttrpc.reply.refused":  # a reply a handler did not admit (not a Method's)
             log.warning(event, code="RESOURCE_EXHAUSTED", **values)
         else:
             log.info(event, **values)

@@ -45,7 +45,11 @@ async def big(_request: Any) -> Message:
     return api_pb2.GetResourceResponse(Resource=b"r" * FIVE_MIB)
 
 
+LARGE_CALLS: list[str] = []
+
+
 async def large(_request: Any) -> Message:
+    LARGE_CALLS.append("Large")
     return api_pb2.GetResourceResponse.FromString(LARGE_REPLY)
 
 
@@ -178,12 +182,14 @@ async def call_large(servers: Servers) -> tuple[tuple[str, str], tuple[str, str]
 
 async def test_a_reply_the_budget_refuses_is_one_line_saying_so(servers: Servers) -> None:
     budget = servers.budget
+    LARGE_CALLS.clear()
     full = await budget.charge(budget.limit_bytes)  # as if peers that do not read held every byte
     assert full is not None
     try:
         outcomes = await call_large(servers)
     finally:
         full.release()
+    assert LARGE_CALLS == ["Large", "Large"]  # refused after the handler ran
     ttrpc_size = len(LARGE_REPLY) + 32  # what the ttRPC server charges: the payload and a bound on its framing
     assert outcomes == (
         ("RESOURCE_EXHAUSTED", refused_text(len(LARGE_REPLY), budget)),
@@ -202,6 +208,40 @@ async def test_a_reply_the_budget_refuses_is_one_line_saying_so(servers: Servers
     ]
     assert [line["message"] for line in lines] == [message for _code, message in outcomes]
     assert budget.held == 0
+
+
+async def test_a_call_refused_before_its_handler_runs_is_one_line_saying_so(servers: Servers) -> None:
+    budget = servers.budget
+    assert await call_large(servers) == (("OK", str(len(LARGE_REPLY))), ("OK", str(len(LARGE_REPLY))))
+    await settle(servers, "Large", 2)
+    LARGE_CALLS.clear()
+    position = len(servers.stream.getvalue())
+    # Large has made a reply over 64 KiB: its calls now reserve that much before their handler runs
+    full = await budget.charge(budget.limit_bytes)
+    assert full is not None
+    try:
+        outcomes = await call_large(servers)
+    finally:
+        full.release()
+    assert LARGE_CALLS == []  # no work done
+    expected = refused_text(len(LARGE_REPLY), budget)
+    assert outcomes == (("RESOURCE_EXHAUSTED", expected), ("RESOURCE_EXHAUSTED", expected))
+    await settle(servers, "Large", 4)
+    lines = [json.loads(line) for line in servers.stream.getvalue()[position:].splitlines()]
+    assert [
+        (line["event"], line["level"], line["rpc"], line["transport"], line["code"], line["message"]) for line in lines
+    ] == [
+        ("rpc", "warning", f"/{SVC}/Large", "grpc", "RESOURCE_EXHAUSTED", expected),
+        ("rpc", "warning", f"/{SVC}/Large", "ttrpc", "RESOURCE_EXHAUSTED", expected),
+    ]
+    for line in lines:
+        assert line["request_id"]
+        assert line["duration_ms"] >= 0
+        assert (line["length"], line["limit"], line["held"]) == (
+            len(LARGE_REPLY),
+            budget.limit_bytes,
+            budget.limit_bytes,
+        )
 
 
 async def test_a_served_reply_is_one_ok_line(servers: Servers) -> None:

@@ -190,3 +190,20 @@ class TestReplyAdmission:
         with capture_logs() as logs, pytest.raises(KeyError):
             await self.method(100).invoke(b"", transport="test", admit=admit)
         assert [(e["event"], e["log_level"], e["code"]) for e in logs] == [("rpc.crash", "error", "UNKNOWN")]
+
+    def test_a_call_refused_before_its_handler_ran_is_one_line(self) -> None:
+        refusal = ReplyRefused(StatusCode.RESOURCE_EXHAUSTED, "no room", length=105, limit=4096, held=4000)
+        with capture_logs() as logs:
+            self.method(100).refused(refusal, transport="test", duration_s=0.25)
+        assert logs == [
+            {
+                "event": "rpc",
+                "log_level": "warning",
+                "code": "RESOURCE_EXHAUSTED",
+                "duration_ms": 250.0,
+                "message": "no room",
+                "length": 105,
+                "limit": 4096,
+                "held": 4000,
+            }
+        ]
