@@ -210,6 +210,27 @@ async def test_a_reply_the_budget_refuses_is_one_line_saying_so(servers: Servers
     assert budget.held == 0
 
 
+async def test_a_grpc_reply_still_waiting_for_budget_at_the_deadline_is_one_deadline_line(servers: Servers) -> None:
+    budget = servers.budget
+    budget.wait_s = 30  # the reply waits for room; gRPC cancels the call at its deadline
+    full = await budget.charge(budget.limit_bytes)
+    assert full is not None
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{servers.grpc_socket}") as channel:
+            stub: Any = channel.unary_unary(f"/{SVC}/Large")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub(b"", timeout=0.5)
+        lines = await settle(servers, "Large", 1)
+    finally:
+        full.release()
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [(line["level"], line["transport"], line["code"]) for line in lines] == [
+        ("warning", "grpc", "DEADLINE_EXCEEDED")
+    ]
+    assert budget.waiting == 0
+    assert budget.held == 0
+
+
 async def test_a_call_refused_before_its_handler_runs_is_one_line_saying_so(servers: Servers) -> None:
     budget = servers.budget
     assert await call_large(servers) == (("OK", str(len(LARGE_REPLY))), ("OK", str(len(LARGE_REPLY))))
