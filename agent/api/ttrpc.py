@@ -458,6 +458,9 @@ class _Call:
 
     async def admit(self, payload_size: int) -> None:
         """Charge the handler's OK reply of `payload_size` bytes; raises `ReplyRefused` if the budget refuses it."""
+        if self.charge is not None:
+            msg = "Cannot admit a second reply for one request."
+            raise RuntimeError(msg)
         if self.deadline is not None and not self.deadline.expired():
             self.deadline.reschedule(None)  # the handler's work is done; the wait for budget has its own bound
         self.handled(payload_size)
