@@ -32,6 +32,7 @@ _ENC = "A256GCM"
 _ECDH = ECDH_ES_A256KW
 _RSA_OAEP = RSA_OAEP_256
 _MAX_JWE_BYTES = 64 * 1024 * 1024
+_WRAPPED_CEK_BYTES = 32 + 8  # A256KW of the A256GCM key: the key and RFC 3394's integrity block
 
 
 def _b64(value: object, what: str) -> bytes:
@@ -72,6 +73,9 @@ def _cek(keypair: TeeKeyPair, header: dict[str, Any], encrypted_key: bytes) -> b
     """The content-encryption key: RSA-OAEP-256 decryption, or ECDH-ES with the header's `epk` and A256KW unwrap."""
     if keypair.algorithm is KeyAlgorithm.RSA_OAEP_256:
         return keypair.decrypt_oaep(encrypted_key)
+    if len(encrypted_key) != _WRAPPED_CEK_BYTES:  # before any ECDH: a 256-bit CEK wraps to exactly 40 bytes
+        msg = "encrypted_key is not a wrapped 256-bit key"
+        raise ValueError(msg)
     x, y = _point(header.get("epk"), keypair.crv)
     return _unwrap(_concat_kdf(keypair.exchange(x, y), header), encrypted_key)
 

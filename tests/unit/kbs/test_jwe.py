@@ -152,6 +152,12 @@ class TestDecrypt:
         with pytest.raises(DecryptionError):
             decrypt(keypair, mutate(jwe, "protected", respelled))
 
+    @pytest.mark.parametrize("size", [0, 24, 32, 48, 4096])
+    def test_encrypted_key_of_another_size_fails(self, keypair: TeeKeyPair, size: int) -> None:
+        jwe = mutate(independent_jwe(keypair, PLAINTEXT), "encrypted_key", b64url_encode(bytes(size)))
+        with pytest.raises(DecryptionError):
+            decrypt(keypair, jwe)
+
     def test_wrong_key_fails(self, keypair: TeeKeyPair) -> None:
         other = TeeKeyPair.generate(keypair.algorithm)
         with pytest.raises(DecryptionError):
