@@ -23,6 +23,7 @@ import os
 import platform as platform_module
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,14 @@ class ImagePuller:
         self._setup: _Setup | None = None
         self._setup_lock = asyncio.Lock()
         self.in_flight: dict[str, PullProgress] = {}
+        # one download of a missing layer at a time across concurrent pulls (an entry lives while a pull holds it)
+        self._layer_gates: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _layer_gate(self, digest: str) -> asyncio.Lock:
+        gate = self._layer_gates.get(digest)
+        if gate is None:
+            gate = self._layer_gates[digest] = asyncio.Lock()
+        return gate
 
     @property
     def work_dir(self) -> Path:
@@ -352,7 +361,9 @@ class ImagePuller:
             return target
 
         async def one(descriptor: mf.Descriptor, diff_id: str) -> Layer:
-            async with layer_slots:
+            # A pull that needs a layer another pull is downloading waits for that pull's layer, then reuses it
+            # (or downloads it itself if that pull failed): one GET per missing blob, not one per pull.
+            async with layer_slots, self._layer_gate(descriptor.digest):
                 # Download before queueing for an unpack slot, so downloads overlap unpacking; the store still
                 # decides (under its per-digest lock) whether the blob is needed at all.
                 blob: Path | None = None

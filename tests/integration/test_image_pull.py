@@ -192,6 +192,31 @@ class TestPull:
         assert len(blobs) == 1
         assert (harness.bundles[-1] / "rootfs" / "app" / "main").exists()
 
+    async def test_concurrent_pulls_download_a_shared_missing_layer_once(
+        self, harness: Harness, registry: Registry
+    ) -> None:
+        """Two pulls at once of images sharing BASE: one GET of BASE's blob, the other pull reuses the layer."""
+        with FlakyProxy(registry.port) as proxy:
+            puller = ImagePuller(
+                replace(harness.settings, registry_config={"registry": [{"location": proxy.host, "insecure": True}]}),
+                get_resource=harness.puller._get_resource,
+                unwrap=None,
+                measure=None,
+            )
+            try:
+                await asyncio.gather(
+                    puller.pull(f"{proxy.host}/apps/layered:v1", str(harness.bundle("a"))),
+                    puller.pull(f"{proxy.host}/apps/shared:v1", str(harness.bundle("b"))),
+                )
+                assert puller._setup is not None
+                assert puller._setup.store.unpacked == 3  # BASE once, TOP, OTHER
+            finally:
+                await puller.aclose()
+            base = [path for path, _ in proxy.seen if f"/blobs/{sha256(BASE.blob)}" in path]
+        assert len(base) == 1
+        assert snapshot(harness.bundles[0] / "rootfs") == EXPECTED
+        assert (harness.bundles[1] / "rootfs" / "app" / "main").exists()
+
     async def test_concurrent_pulls_share_layers_and_restart_reuses_them(
         self, harness: Harness, registry: Registry
     ) -> None:
