@@ -309,11 +309,13 @@ async def _serve_admitted(
 ) -> None:
     reply: Reply
     method = target = "-"
+    started = time.monotonic()
     try:
         if not _loopback(writer.get_extra_info("peername")):
             reply = _text(403, "Forbidden")
         else:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=IO_TIMEOUT_S)
+            started = time.monotonic()  # the request's time starts with its head, not with a slow client's wait
             lines = head.decode("latin-1").split("\r\n")
             method, target, _version = lines[0].split(" ", 2)
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
@@ -344,7 +346,7 @@ async def _serve_admitted(
     held = [reply]
     del reply  # `_write_reply` drops it once written: the transport's buffer is then the only copy
     try:
-        await _write_reply(writer, conn, held, method, target, refused=refused)
+        await _write_reply(writer, conn, held, method, target, started=started, refused=refused)
     finally:
         charge.release()
 
@@ -361,10 +363,12 @@ async def _write_reply(
     method: str,
     target: str,
     *,
+    started: float,
     refused: dict[str, int] | None = None,
 ) -> None:
     """Write the reply and log the request's one line: `rest.request` (at warning with `refused`, the figures
-    of a reply the budget refused, which `held` replaced), or `rest.write_timeout` for a peer that did not read."""
+    of a reply the budget refused, which `held` replaced), or `rest.write_timeout` for a peer that did not read;
+    `duration_ms` from `started` (the request head's arrival) until the peer took the reply."""
     reply = held.pop()
     status = reply.status
     status_line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
@@ -385,10 +389,13 @@ async def _write_reply(
         return
     except OSError:
         pass
+    duration_ms = round((time.monotonic() - started) * 1000, 2)
     if refused:
-        log.warning("rest.request", method=method, path=_path_of(target), status=status, **refused)
+        log.warning(
+            "rest.request", method=method, path=_path_of(target), status=status, duration_ms=duration_ms, **refused
+        )
     else:
-        log.info("rest.request", method=method, path=_path_of(target), status=status)
+        log.info("rest.request", method=method, path=_path_of(target), status=status, duration_ms=duration_ms)
 
 
 def _path_of(target: str) -> str:
