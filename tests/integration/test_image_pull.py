@@ -125,6 +125,16 @@ class Harness:
 
         return ImagePuller(self.settings, get_resource=get_resource, unwrap=None, measure=measure, machine=machine)
 
+    def puller_via(self, proxy: FlakyProxy) -> ImagePuller:
+        """A puller of its own whose registry is reached through `proxy` (which counts and faults requests)."""
+        registries = {"registry": [{"location": proxy.host, "insecure": True}]}
+        return ImagePuller(
+            replace(self.settings, registry_config=registries),
+            get_resource=self.puller._get_resource,
+            unwrap=None,
+            measure=None,
+        )
+
     def bundle(self, name: str) -> Path:
         path = self.root / "bundles" / name
         path.mkdir(parents=True)
@@ -178,12 +188,7 @@ class TestPull:
 
     async def test_duplicate_layers_fetched_once(self, harness: Harness, registry: Registry) -> None:
         with FlakyProxy(registry.port) as proxy:
-            puller = ImagePuller(
-                replace(harness.settings, registry_config={"registry": [{"location": proxy.host, "insecure": True}]}),
-                get_resource=harness.puller._get_resource,
-                unwrap=None,
-                measure=None,
-            )
+            puller = harness.puller_via(proxy)
             try:
                 await puller.pull(f"{proxy.host}/apps/dup:v1", str(harness.bundle("dup")))
             finally:
@@ -197,12 +202,7 @@ class TestPull:
     ) -> None:
         """Two pulls at once of images sharing BASE: one GET of BASE's blob, the other pull reuses the layer."""
         with FlakyProxy(registry.port) as proxy:
-            puller = ImagePuller(
-                replace(harness.settings, registry_config={"registry": [{"location": proxy.host, "insecure": True}]}),
-                get_resource=harness.puller._get_resource,
-                unwrap=None,
-                measure=None,
-            )
+            puller = harness.puller_via(proxy)
             try:
                 await asyncio.gather(
                     puller.pull(f"{proxy.host}/apps/layered:v1", str(harness.bundle("a"))),
@@ -229,12 +229,7 @@ class TestPull:
         assert harness.puller._setup.store.unpacked == 3  # BASE once, TOP, OTHER
         # a restart: a new puller on the same work dir reuses every layer without downloading one
         with FlakyProxy(registry.port) as proxy:
-            again = ImagePuller(
-                replace(harness.settings, registry_config={"registry": [{"location": proxy.host, "insecure": True}]}),
-                get_resource=harness.puller._get_resource,
-                unwrap=None,
-                measure=None,
-            )
+            again = harness.puller_via(proxy)
             try:
                 await again.pull(f"{proxy.host}/apps/layered:v1", str(harness.bundle("c")))
                 assert again._setup is not None
