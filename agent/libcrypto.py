@@ -19,7 +19,16 @@ import sys
 import weakref
 from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_uint, c_ulong, c_void_p
 
-__all__ = ["P256Key", "aes_ctr", "aes_gcm_decrypt", "aes_gcm_encrypt", "aes_key_unwrap", "aes_key_wrap", "load"]
+__all__ = [
+    "P256Key",
+    "aes_ctr",
+    "aes_gcm_decrypt",
+    "aes_gcm_encrypt",
+    "aes_key_unwrap",
+    "aes_key_wrap",
+    "available",
+    "load",
+]
 
 _P256_SIZE = 32
 _POINT_SIZE = 1 + 2 * _P256_SIZE  # uncompressed SEC1 point: 04 || X || Y
@@ -97,6 +106,11 @@ def load() -> ctypes.CDLL | None:
         return _bind(ctypes.CDLL(path))
     except OSError:
         return None
+
+
+def available() -> bool:
+    """Whether this module can run here; where not, callers use pyca/cryptography."""
+    return load() is not None
 
 
 def _lib() -> ctypes.CDLL:

@@ -7,9 +7,8 @@ with `enc = A256GCM` and one of `ECDH-ES+A256KW` (P-256, P-521) or `RSA-OAEP-256
 `decrypt()` allow-lists the algorithm that matches the key, checks the header, and turns every failure into one
 opaque `DecryptionError`. `encrypt()` exists for the development KBS, the self-test and tests.
 
-Two crypto backends, one behaviour (docs/decisions.md, 22): the symmetric steps (the Concat KDF's SHA-256, AES key
-unwrap, AES-GCM) use the platform libcrypto (`agent.libcrypto`) where it is OpenSSL 3, pyca/cryptography (imported
-on first use only) where it is not.
+The Concat KDF is one SHA-256 (`hashlib`); AES key unwrap and AES-GCM are `agent.aes`'s, which picks the platform
+libcrypto or pyca/cryptography (docs/decisions.md, 22).
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ import secrets
 import struct
 from typing import Any
 
-from agent import libcrypto
+from agent import aes
 from agent.errors import DecryptionError
 from agent.kbs.keyalg import ECDH_ES_A256KW, RSA_OAEP_256, KeyAlgorithm
-from agent.kbs.teekey import SIZES, TeeKeyPair, native, oaep
+from agent.kbs.teekey import SIZES, TeeKeyPair, oaep
 from agent.strictjson import b64url_decode, b64url_encode, load_json_object
 
 __all__ = ["KeyAlgorithm", "TeeKeyPair", "decrypt", "encrypt"]
@@ -77,46 +76,7 @@ def _cek(keypair: TeeKeyPair, header: dict[str, Any], encrypted_key: bytes) -> b
         msg = "encrypted_key is not a wrapped 256-bit key"
         raise ValueError(msg)
     x, y = _point(header.get("epk"), keypair.crv)
-    return _unwrap(_concat_kdf(keypair.exchange(x, y), header), encrypted_key)
-
-
-def _unwrap(kek: bytes, wrapped: bytes) -> bytes:
-    if native():
-        return libcrypto.aes_key_unwrap(kek, wrapped)
-    from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
-
-    try:
-        return aes_key_unwrap(kek, wrapped)
-    except InvalidUnwrap as exc:
-        raise ValueError from exc
-
-
-def _wrap(kek: bytes, cek: bytes) -> bytes:
-    if native():
-        return libcrypto.aes_key_wrap(kek, cek)
-    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
-
-    return aes_key_wrap(kek, cek)
-
-
-def _open(cek: bytes, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
-    if native():
-        return libcrypto.aes_gcm_decrypt(cek, iv, ciphertext, tag, aad)
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    try:
-        return AESGCM(cek).decrypt(iv, ciphertext + tag, aad)
-    except InvalidTag as exc:
-        raise ValueError from exc
-
-
-def _seal(cek: bytes, iv: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    if native():
-        return libcrypto.aes_gcm_encrypt(cek, iv, plaintext, aad)
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    return AESGCM(cek).encrypt(iv, plaintext, aad)
+    return aes.key_unwrap(_concat_kdf(keypair.exchange(x, y), header), encrypted_key)
 
 
 def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
@@ -156,7 +116,7 @@ def decrypt(keypair: TeeKeyPair, jwe: bytes) -> bytes:
         cek = _cek(keypair, header, encrypted_key)
         if len(cek) != 32:
             raise DecryptionError
-        return _open(cek, iv, ciphertext, tag, protected_b64.encode("ascii"))
+        return aes.gcm_decrypt(cek, iv, ciphertext, tag, protected_b64.encode("ascii"))
     except DecryptionError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # the backends raise ValueError for bad crypto
@@ -185,13 +145,13 @@ def encrypt(jwk: dict[str, Any], plaintext: bytes) -> bytes:
         header = {"alg": _ECDH, "enc": _ENC}
         header["epk"] = {"crv": crv, "kty": "EC", "x": epk["x"], "y": epk["y"]}
         z = ephemeral.exchange(x, y)
-        encrypted_key = _wrap(_concat_kdf(z, header), cek)
+        encrypted_key = aes.key_wrap(_concat_kdf(z, header), cek)
     else:
         msg = "unsupported tee-pubkey algorithm"
         raise ValueError(msg)
     protected = b64url_encode(json.dumps(header, separators=(",", ":")).encode())
     iv = secrets.token_bytes(12)
-    sealed = _seal(cek, iv, plaintext, protected.encode("ascii"))
+    sealed = aes.gcm_encrypt(cek, iv, plaintext, protected.encode("ascii"))
     body = {
         "protected": protected,
         "encrypted_key": b64url_encode(encrypted_key),

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
-from agent import libcrypto
+from agent import aes
 from agent.errors import DecryptionError, InvalidRequest, InvalidResourceUri, NotSupported
 from agent.kbs.resource import parse_resource_uri
 from agent.strictjson import b64decode_std as _b64decode_std
@@ -202,9 +202,6 @@ def wrap(
     (reusing a GCM IV under one KEK destroys confidentiality and integrity).
     Raises `InvalidRequest` for a bad KEK length, kid, wrap type, IV length or oversized optsdata.
     """
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # at the first layer key
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     _check_kek(kek)
     kind = _wrap_type(wrap_type, "`wrap_type`")
     # the same URI rule the agent's GetResource applies, so every kid `wrap` writes can be fetched again
@@ -225,11 +222,7 @@ def wrap(
         msg = f"`iv` is {len(iv)} bytes, expected {kind.iv_size} for {kind}."
         raise InvalidRequest(msg)
 
-    if kind is WrapType.A256GCM:
-        wrapped = AESGCM(kek).encrypt(iv, optsdata, None)
-    else:
-        encryptor = Cipher(algorithms.AES(kek), modes.CTR(iv)).encryptor()
-        wrapped = encryptor.update(optsdata) + encryptor.finalize()
+    wrapped = aes.gcm_encrypt(kek, iv, optsdata, b"") if kind is WrapType.A256GCM else aes.ctr(kek, iv, optsdata)
     return AnnotationPacket(kid=kid, wrapped_data=wrapped, iv=iv, wrap_type=kind)
 
 
@@ -247,28 +240,14 @@ def unwrap(kek: bytes, packet: AnnotationPacket) -> bytes:
     if iv is None or kind is None:  # pragma: no cover - excluded by AnnotationPacket.__post_init__
         msg = "a `kbs` packet always has `iv` and `wrap_type`"
         raise ValueError(msg)
-    data = packet.wrapped_data
-    if libcrypto.load() is not None:  # the platform libcrypto: the data hub needs no pyca for layer keys
-        if kind is not WrapType.A256GCM:
-            optsdata = libcrypto.aes_ctr(kek, iv, data)
-        else:
-            try:
-                optsdata = libcrypto.aes_gcm_decrypt(kek, iv, data[:-16], data[-16:], b"")
-            except ValueError:
-                raise DecryptionError from None
-    elif kind is WrapType.A256GCM:
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        try:
-            optsdata = AESGCM(kek).decrypt(iv, data, None)
-        except InvalidTag:
-            raise DecryptionError from None
+    if kind is not WrapType.A256GCM:
+        optsdata = aes.ctr(kek, iv, packet.wrapped_data)
     else:
-        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-        decryptor = Cipher(algorithms.AES(kek), modes.CTR(iv)).decryptor()
-        optsdata = decryptor.update(data) + decryptor.finalize()
+        try:
+            data = packet.wrapped_data  # ciphertext || 16-byte tag
+            optsdata = aes.gcm_decrypt(kek, iv, data[:-16], data[-16:], b"")
+        except ValueError:
+            raise DecryptionError from None
     if not optsdata:  # pragma: no cover - excluded by the `wrapped_data` length rule of AnnotationPacket
         msg = "annotation packet `wrapped_data` decrypts to nothing, expected layer options."
         raise InvalidRequest(msg)

@@ -37,6 +37,7 @@ PURE = [
     "secrets/sealed.py",
     "strictjson.py",
     "jws.py",
+    "aes.py",
     "libcrypto.py",
     "secret.py",
     "image/compression.py",

@@ -40,23 +40,18 @@ PLAINTEXT = b"\x00the resource bytes\xff" * 3
 _KEYS: dict[tuple[KeyAlgorithm, str], TeeKeyPair] = {}
 
 
-@pytest.fixture
-def backend(crypto_backend: str) -> str:
-    return crypto_backend
-
-
 @pytest.fixture(params=ALGORITHMS, ids=[a.value for a in ALGORITHMS])
-def keypair(request: pytest.FixtureRequest, backend: str) -> TeeKeyPair:
+def keypair(request: pytest.FixtureRequest, crypto_backend: str) -> TeeKeyPair:
     """One key per algorithm and backend, made once (RSA key generation is slow)."""
     algorithm: KeyAlgorithm = request.param
-    if (algorithm, backend) not in _KEYS:
-        _KEYS[algorithm, backend] = TeeKeyPair.generate(algorithm)
-    return _KEYS[algorithm, backend]
+    if (algorithm, crypto_backend) not in _KEYS:
+        _KEYS[algorithm, crypto_backend] = TeeKeyPair.generate(algorithm)
+    return _KEYS[algorithm, crypto_backend]
 
 
-def test_default_key_is_native_where_libcrypto_is_openssl3(backend: str) -> None:
+def test_default_key_is_native_where_libcrypto_is_openssl3(crypto_backend: str) -> None:
     key = TeeKeyPair.generate().private_key
-    assert isinstance(key, libcrypto.P256Key) == (backend == "libcrypto")
+    assert isinstance(key, libcrypto.P256Key) == (crypto_backend == "libcrypto")
 
 
 def independent_jwe(keypair: TeeKeyPair, plaintext: bytes, *, cek: bytes = b"\x11" * 32) -> bytes:
@@ -226,7 +221,7 @@ class TestKeys:
         assert pem.startswith(expected)
         assert TeeKeyPair.from_pem(pem).public_jwk() == keypair.public_jwk()
 
-    def test_p256_pem_is_byte_for_byte_pycas(self, backend: str) -> None:
+    def test_p256_pem_is_byte_for_byte_pycas(self, crypto_backend: str) -> None:
         keypair = TeeKeyPair.generate()
         pem = keypair.private_pem()
         scalar = serialization.load_pem_private_key(pem, password=None).private_numbers().private_value  # type: ignore[union-attr]
@@ -236,19 +231,19 @@ class TestKeys:
         assert pem == expected
 
     @pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
-    def test_p256_pem_from_pyca_loads_natively(self, backend: str, line_end: bytes) -> None:
+    def test_p256_pem_from_pyca_loads_natively(self, crypto_backend: str, line_end: bytes) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ).replace(b"\n", line_end)
         loaded = TeeKeyPair.from_pem(pem)
-        assert isinstance(loaded.private_key, libcrypto.P256Key) == (backend == "libcrypto")
+        assert isinstance(loaded.private_key, libcrypto.P256Key) == (crypto_backend == "libcrypto")
         numbers = key.public_key().public_numbers()
         assert loaded.public_jwk()["x"] == b64url_encode(numbers.x.to_bytes(32, "big"))
         assert loaded.public_jwk()["y"] == b64url_encode(numbers.y.to_bytes(32, "big"))
         assert decrypt(loaded, encrypt(loaded.public_jwk(), PLAINTEXT)) == PLAINTEXT
 
-    def test_other_p256_encodings_load_through_pyca(self, backend: str) -> None:
+    def test_other_p256_encodings_load_through_pyca(self, crypto_backend: str) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         sec1 = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
@@ -258,7 +253,7 @@ class TestKeys:
         assert isinstance(loaded.private_key, ec.EllipticCurvePrivateKey)
         assert loaded.algorithm is KeyAlgorithm.EC_P256
 
-    def test_a_p256_pem_whose_point_is_not_its_scalars_is_refused(self, backend: str) -> None:
+    def test_a_p256_pem_whose_point_is_not_its_scalars_is_refused(self, crypto_backend: str) -> None:
         ours, other = TeeKeyPair.generate().private_pem(), TeeKeyPair.generate().private_pem()
         der, other_der = (base64.b64decode(b"".join(p.split(b"\n")[1:-2])) for p in (ours, other))
         mixed = der[:-64] + other_der[-64:]  # our scalar, the other key's public point
