@@ -2,7 +2,7 @@
 operations a JWE needs (ECDH, RSA-OAEP-256). Pure.
 
 Two crypto backends, one behaviour (docs/decisions.md, 22): the default P-256 key lives in the platform libcrypto
-(`agent.libcrypto`) where it is OpenSSL 3, and so does a P-256 PEM in the one PKCS#8 form every library writes;
+(`agent.libcrypto`) where it is OpenSSL 3, and so does a P-256 PEM in the PKCS#8 form OpenSSL and pyca write;
 P-521, RSA, other PEM forms, and any platform without it use pyca/cryptography, imported on first use only.
 """
 
@@ -20,11 +20,12 @@ from agent.strictjson import b64url_encode
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-__all__ = ["SIZES", "KeyAlgorithm", "TeeKeyPair", "native", "oaep"]
+__all__ = ["SIZES", "KeyAlgorithm", "TeeKeyPair", "oaep"]
 
 SIZES = {"P-256": 32, "P-521": 66}  # coordinate bytes per curve
 # A P-256 key in PKCS#8 (RFC 5208: version 0, id-ecPublicKey with prime256v1) around an RFC 5915 ECPrivateKey
-# (version 1, the scalar, no parameters, the public point): the one form OpenSSL, pyca and RustCrypto write.
+# (version 1, the scalar, no parameters, the public point), as OpenSSL and pyca write it. Other PKCS#8 forms (e.g.
+# without the public point, which RFC 5915 makes optional) go to pyca's loader.
 # DER: _P256_PKCS8_HEAD || scalar (32) || _P256_PKCS8_MID || 04 || X || Y.
 _P256_PKCS8_HEAD = bytes.fromhex("308187020100301306072a8648ce3d020106082a8648ce3d030107046d306b0201010420")
 _P256_PKCS8_MID = bytes.fromhex("a14403420004")
@@ -34,10 +35,6 @@ _PEM_HEADER, _PEM_FOOTER = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KE
 
 def _int_bytes(value: int, length: int) -> bytes:
     return value.to_bytes(length, "big")
-
-
-def native() -> bool:
-    return libcrypto.load() is not None
 
 
 def _p256_pkcs8_pem(scalar: bytes, x: bytes, y: bytes) -> bytes:
@@ -86,7 +83,7 @@ class TeeKeyPair:
 
     @classmethod
     def generate(cls, algorithm: KeyAlgorithm = KeyAlgorithm.EC_P256) -> TeeKeyPair:
-        if algorithm is KeyAlgorithm.EC_P256 and native():
+        if algorithm is KeyAlgorithm.EC_P256 and libcrypto.available():
             return cls(algorithm, libcrypto.P256Key.generate())
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -100,7 +97,7 @@ class TeeKeyPair:
     @classmethod
     def from_pem(cls, pem: bytes) -> TeeKeyPair:
         """Load a key from the PEM the reference `tee_keypair` carries (PKCS#8 EC or PKCS#1 RSA)."""
-        parts = _p256_pkcs8_parts(pem) if native() else None
+        parts = _p256_pkcs8_parts(pem) if libcrypto.available() else None
         if parts is not None:
             return cls(KeyAlgorithm.EC_P256, libcrypto.P256Key.from_private(*parts))
         from cryptography.hazmat.primitives import serialization

@@ -253,6 +253,21 @@ class TestKeys:
         assert isinstance(loaded.private_key, ec.EllipticCurvePrivateKey)
         assert loaded.algorithm is KeyAlgorithm.EC_P256
 
+    def test_a_p256_pkcs8_without_its_public_point_loads_through_pyca(self, crypto_backend: str) -> None:
+        """RFC 5915 makes the public point optional: such a PKCS#8 is not the form read natively, pyca reads it."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        scalar = key.private_numbers().private_value.to_bytes(32, "big")
+        ec_private_key = bytes.fromhex("3025020101" + "0420") + scalar  # version 1, the scalar, nothing else
+        algorithm = bytes.fromhex("301306072a8648ce3d020106082a8648ce3d030107")
+        body = bytes.fromhex("020100") + algorithm + b"\x04\x27" + ec_private_key
+        der = b"\x30" + bytes([len(body)]) + body
+        pem = b"-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(der) + b"-----END PRIVATE KEY-----\n"
+        loaded = TeeKeyPair.from_pem(pem)
+        assert isinstance(loaded.private_key, ec.EllipticCurvePrivateKey)
+        numbers = key.public_key().public_numbers()
+        assert loaded.public_jwk()["x"] == b64url_encode(numbers.x.to_bytes(32, "big"))
+        assert decrypt(loaded, encrypt(loaded.public_jwk(), PLAINTEXT)) == PLAINTEXT
+
     def test_a_p256_pem_whose_point_is_not_its_scalars_is_refused(self, crypto_backend: str) -> None:
         ours, other = TeeKeyPair.generate().private_pem(), TeeKeyPair.generate().private_pem()
         der, other_der = (base64.b64decode(b"".join(p.split(b"\n")[1:-2])) for p in (ours, other))
