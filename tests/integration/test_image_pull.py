@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import ImageFormatError, ImageRejected, KbsTransportError, NotSupported, RegistryError
+from agent.errors import AgentError, ImageFormatError, ImageRejected, KbsTransportError, NotSupported, RegistryError
 from agent.image.pull import ImagePuller, PullSettings, measurement_content
 from tests.fakes.registry import (
     Entry,
@@ -125,11 +125,11 @@ class Harness:
 
         return ImagePuller(self.settings, get_resource=get_resource, unwrap=None, measure=measure, machine=machine)
 
-    def puller_via(self, proxy: FlakyProxy) -> ImagePuller:
+    def puller_via(self, proxy: FlakyProxy, **settings: object) -> ImagePuller:
         """A puller of its own whose registry is reached through `proxy` (which counts and faults requests)."""
         registries = {"registry": [{"location": proxy.host, "insecure": True}]}
         return ImagePuller(
-            replace(self.settings, registry_config=registries),
+            replace(self.settings, registry_config=registries, **settings),  # type: ignore[arg-type]
             get_resource=self.puller._get_resource,
             unwrap=None,
             measure=None,
@@ -215,6 +215,38 @@ class TestPull:
             base = [path for path, _ in proxy.seen if f"/blobs/{sha256(BASE.blob)}" in path]
         assert len(base) == 1
         assert snapshot(harness.bundles[0] / "rootfs") == EXPECTED
+        assert (harness.bundles[1] / "rootfs" / "app" / "main").exists()
+
+    async def test_a_pull_waiting_for_a_failed_pulls_layer_downloads_it_itself(
+        self, harness: Harness, registry: Registry
+    ) -> None:
+        """The first pull holds BASE's download and fails (its blob stalls past the pull deadline); the second,
+        which waited for it, then downloads BASE itself and succeeds: a failed pull leaves no one waiting."""
+        with FlakyProxy(registry.port) as proxy:
+            proxy.faults = {f"/apps/layered/blobs/{sha256(BASE.blob)}": ["stall"]}
+            puller = harness.puller_via(proxy, pull_timeout_s=4)
+
+            failed_at: list[int] = []  # how many requests the proxy had seen when the first pull failed
+
+            async def first() -> str:
+                try:
+                    return await puller.pull(f"{proxy.host}/apps/layered:v1", str(harness.bundle("a")))
+                finally:
+                    failed_at.append(len(proxy.seen))
+
+            async def second() -> str:
+                await asyncio.sleep(1.5)  # the first pull holds BASE by now, stalled
+                return await puller.pull(f"{proxy.host}/apps/shared:v1", str(harness.bundle("b")))
+
+            try:
+                outcome, later = await asyncio.gather(first(), second(), return_exceptions=True)
+            finally:
+                await puller.aclose()
+            base = [(i, path, fault) for i, (path, fault) in enumerate(proxy.seen) if sha256(BASE.blob) in path]
+        assert isinstance(outcome, AgentError), outcome
+        assert isinstance(later, str), later
+        assert [(path.split("/")[3], fault) for _, path, fault in base] == [("layered", "stall"), ("shared", "pass")]
+        assert base[1][0] >= failed_at[0]  # the second pull asked for BASE only once the first had given it up
         assert (harness.bundles[1] / "rootfs" / "app" / "main").exists()
 
     async def test_concurrent_pulls_share_layers_and_restart_reuses_them(
