@@ -261,6 +261,7 @@ def release() -> None:
         held, state.held, state.mode = state.held, [], "live"
         if held:
             _configure_structlog(state)
+            state.mode = "direct"
             _replay(held)
 
 
@@ -337,7 +338,8 @@ class _Held:
 
 class _State:
     """`unset`: nobody configured logging (structlog's defaults apply); `direct`: configured, structlog loaded;
-    `buffer`: deferred, lines kept; `live`: deferred and released, structlog loaded at the first line written."""
+    `buffer`: deferred, lines kept; `live`: deferred and released, structlog not loaded yet: the first line written
+    loads it and makes the state `direct`."""
 
     __slots__ = ("configured", "fmt", "held", "level", "mode", "stream")
 
@@ -371,6 +373,7 @@ def _emit(name: str, method: str, level: int, args: tuple[Any, ...], fields: dic
         release()
         if not state.configured:
             _configure_structlog(state)
+        state.mode = "direct"  # from now on lines go straight to structlog, without this lock
         _call(name, method, args, fields)
 
 
