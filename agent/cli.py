@@ -428,13 +428,10 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.lifecycle import pause_gc, resume_gc
+    from agent.lifecycle import gc_paused
 
-    pause_gc()  # `serve` resumes it once serving (agent.lifecycle)
-    try:
+    with gc_paused():  # `serve` resumes it once serving (agent.lifecycle)
         return _main(argv)
-    finally:
-        resume_gc()
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -6,11 +6,8 @@ which walks everything allocated so far: ~6 ms of a ~100 ms start. The entry poi
 their modules and turn it back on once the program serves (the few hundred cyclic objects start-up left are
 collected later as usual; a collection right then would delay the first call by ~8 ms).
 
-    pause_gc()
-    try:
-        ...                       # imports, configuration, bind, serve
-    finally:
-        resume_gc()               # also when start-up fails; a no-op if it was resumed already
+    with gc_paused():             # resumed on the way out, also when start-up fails
+        ...                       # imports, configuration, bind, serve; resume_gc() once serving
 
 `stop_signals()` is the stop event of every daemon (here, not in `agent.app`, so that api-server-rest, which
 builds no `App`, does not load the configuration world to get it).
@@ -24,7 +21,7 @@ import gc
 import signal
 from collections.abc import Iterator
 
-__all__ = ["pause_gc", "resume_gc", "stop_signals"]
+__all__ = ["gc_paused", "pause_gc", "resume_gc", "stop_signals"]
 
 _paused = [False]  # set only when this module turned the collector off, so it never turns on one it did not
 
@@ -39,6 +36,17 @@ def resume_gc() -> None:
     if _paused[0]:
         _paused[0] = False
         gc.enable()
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The collector off for the block (an entry point's start-up), back on at its end unless `resume_gc` ran
+    first; a collector the caller had turned off stays off."""
+    pause_gc()
+    try:
+        yield
+    finally:
+        resume_gc()
 
 
 @contextlib.contextmanager

@@ -116,12 +116,9 @@ def to_config(args: argparse.Namespace) -> tuple[Config, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent.lifecycle import pause_gc, resume_gc
+    from agent.lifecycle import gc_paused
 
-    pause_gc()
-    try:
+    with gc_paused():
         from agent.compat import common
 
         return common.serve_translated("confidential-data-hub", "cdh", build_parser().parse_args(argv), to_config)
-    finally:
-        resume_gc()

@@ -48,7 +48,7 @@ from agent.argparsing import ArgumentParser
 from agent.compat import common
 from agent.compat.refconfig import DEFAULT_AA_SOCKET, DEFAULT_CDH_SOCKET, unix_path
 from agent.errors import ConfigError, InvalidRequest
-from agent.lifecycle import pause_gc, resume_gc
+from agent.lifecycle import gc_paused, resume_gc
 from agent.log import get_logger, log_crash
 from agent.secret import clip
 from agent.strictjson import b64url_decode, load_json_object
@@ -439,9 +439,6 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    pause_gc()
-    try:
+    with gc_paused():
         args = build_parser().parse_args(argv)
         return common.run_command("api-server-rest", lambda: run(args))
-    finally:
-        resume_gc()

@@ -34,3 +34,25 @@ def test_a_collector_the_caller_turned_off_stays_off() -> None:
     lifecycle.pause_gc()
     lifecycle.resume_gc()
     assert not gc.isenabled()
+
+
+def test_gc_paused_is_off_inside_and_back_on_after_a_failure() -> None:
+    gc.enable()
+    inside: list[bool] = []
+
+    def start_up() -> None:
+        with lifecycle.gc_paused():
+            inside.append(gc.isenabled())
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        start_up()
+    assert inside == [False]
+    assert gc.isenabled()
+
+
+def test_gc_paused_keeps_a_collector_the_caller_turned_off() -> None:
+    gc.disable()
+    with lifecycle.gc_paused():
+        pass
+    assert not gc.isenabled()
