@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from agent.service import AttestationAgent, DataHub, Measure, ResourceBackend
     from agent.tee.base import Attester
 
-__all__ = ["App", "InitdataMismatch", "run", "stop_signals"]
+__all__ = ["App", "InitdataMismatch", "run"]
 
 log = get_logger("agent.app")
 

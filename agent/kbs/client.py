@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # h11 (agent.kbs.http) and the JWE crypto (agent.kbs.jwe) loa
     import ssl
 
     from agent.kbs.http import HttpResponse, Transport
-    from agent.kbs.jwe import TeeKeyPair
+    from agent.kbs.teekey import TeeKeyPair
     from agent.tee.base import Attester
 
 __all__ = [
@@ -398,12 +398,12 @@ class KbsClient:
         await self.http.aclose()
 
     async def _handshake(self) -> tuple[protocol.RcarSession, TeeKeyPair]:
-        from agent.kbs.jwe import TeeKeyPair
+        from agent.kbs.teekey import TeeKeyPair
 
         algorithm = self._config.tee_key_algorithm
-        if algorithm is KeyAlgorithm.EC_P256:  # ~0.1 ms: less than a thread hop
+        if algorithm is KeyAlgorithm.EC_P256:  # ~0.03 ms: less than a thread hop
             keypair = TeeKeyPair.generate(algorithm)
-        else:  # RSA-3072 takes tens of milliseconds
+        else:  # RSA-2048 takes tens of milliseconds
             keypair = await asyncio.to_thread(TeeKeyPair.generate, algorithm)
         session = protocol.RcarSession(
             tee=self._attester.tee, tee_pubkey=keypair.public_jwk(), kbs=self.http.url, init_data_toml=self._init_data

@@ -7,9 +7,9 @@ HTTP/1.1 implementation under httpx); this module only moves bytes, pools connec
 
 Pooling: at most `max_connections` at once (16: a burst of callers queues for one instead of opening one each), at
 most `max_idle` kept (8), each reused only within `keepalive_s` of its last answer (4 s: shorter than the KBS's own
-~5 s keep-alive, kbs-protocol.md §9) and only if the peer
-has not closed it meanwhile. A reused connection that fails before the first byte of its answer (the KBS closed it
-as the request went out) is retried once on a new connection; any other failure is the caller's to retry.
+~5 s keep-alive, kbs-protocol.md §9) and only if the peer has not closed it meanwhile. A reused connection that
+fails before the first byte of its answer (the KBS closed it as the request went out) is retried once on a new
+connection; any other failure is the caller's to retry.
 
 Time is the caller's: every await here is cancellable and a cancelled exchange closes its connection.
 """

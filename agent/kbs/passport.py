@@ -23,7 +23,7 @@ from agent.strictjson import load_json_object
 
 if TYPE_CHECKING:  # h11 and cryptography load at the first resource fetch
     from agent.kbs.http import Transport
-    from agent.kbs.jwe import TeeKeyPair
+    from agent.kbs.teekey import TeeKeyPair
 
 __all__ = ["PassportClient", "TokenPair", "parse_token_reply"]
 
@@ -39,7 +39,7 @@ class TokenPair:
 
 def parse_token_reply(data: bytes) -> TokenPair:
     """The AA's `GetToken("kbs")` payload `{"token": "<JWT>", "tee_keypair": "<PEM>"}`."""
-    from agent.kbs.jwe import TeeKeyPair
+    from agent.kbs.teekey import TeeKeyPair
 
     value = load_json_object(data, "the attestation agent's token reply", error=KbsProtocolError)
     token, pem = value.get("token"), value.get("tee_keypair")
