@@ -173,7 +173,7 @@ class KbsConfig:
     timeout_s: float = 60.0
     max_response_bytes: int = 16 * 1024 * 1024
     token_refresh_margin_s: float = 30.0
-    # load the KBS HTTP client and cryptography in the background once serving (only where this process runs the
+    # load the KBS HTTP client and JWE crypto in the background once serving (only where this process runs the
     # handshake for its own data hub: `cvm-agent serve`); false: at the first KBS call, less memory until then
     preload: bool = True
 

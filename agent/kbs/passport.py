@@ -21,7 +21,7 @@ from agent.kbs.client import CredentialCache, KbsHttp, fetch_resource
 from agent.kbs.resource import ResourceUri
 from agent.strictjson import load_json_object
 
-if TYPE_CHECKING:  # h11 and cryptography load at the first resource fetch
+if TYPE_CHECKING:  # h11 and the JWE crypto load at the first resource fetch
     from agent.kbs.http import Transport
     from agent.kbs.teekey import TeeKeyPair
 
